@@ -1,0 +1,88 @@
+"""Small helpers shared by the scripts: argument types, device choice, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class UserError(Exception):
+    """A problem the user can fix; the scripts print it as one line and exit 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and defaults shown in every flag's help."""
+
+    def __init__(self, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, low, low_open=False, high=None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0.0, low_open=True)
+non_negative_float = _number(float, 0.0)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' takes cuda, then mps, then cpu; an explicit choice must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (try --device auto)")
+    elif name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available (try --device auto)")
+    return torch.device(name)
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto picks cuda, then mps, then cpu (default: auto)")
+
+
+def run(main, argv=None) -> int:
+    """Call main(argv); turn user errors into one line on stderr and exit code 1.
+
+    Only the project's own error types are caught: anything else is a bug and keeps its traceback.
+    """
+    from checkpoint import CheckpointBusy, CheckpointError
+    from data import DataError
+
+    try:
+        return main(argv)
+    except (UserError, DataError, CheckpointError, CheckpointBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,253 @@
+"""MNIST from the bundled IDX files, verified, decoded once into tensors that live on the device.
+
+Layout is torchvision's: `<data_dir>/MNIST/raw/*-ubyte(.gz)`. Before use each file is checked
+(gzip stream, IDX magic number, dimensions, length, SHA-256 of the decompressed content as listed
+in dataset/MNIST/raw/SHA256SUMS), decompressed next to its .gz if needed, and decoded into a
+tensor (the same tensor torchvision.datasets.MNIST reads; a test checks). Nothing is ever
+deleted or overwritten: a bad file is reported, one line naming it, and left for the user.
+
+Training never runs PIL or ToTensor per sample: a split is one uint8 tensor [N, 1, 28, 28] on the
+training device, and batches are drawn by indexing it with a random permutation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
+
+# name -> (IDX type code 0x08 = unsigned byte, shape); see http://yann.lecun.com/exdb/mnist/
+FILES = {
+    "train-images-idx3-ubyte": (60000, 28, 28),
+    "train-labels-idx1-ubyte": (60000,),
+    "t10k-images-idx3-ubyte": (10000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10000,),
+}
+# SHA-256 of the decompressed files; the same lines as dataset/MNIST/raw/SHA256SUMS (a test checks).
+SHA256 = {
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+}
+UBYTE = 0x08
+
+
+class DataError(Exception):
+    """A dataset problem the user must fix; str() is one line naming the file."""
+
+
+def raw_dir(data_dir) -> str:
+    return os.path.join(os.fspath(data_dir), "MNIST", "raw")
+
+
+def _idx_header(data, source: str, shape: tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
+    """Check an IDX header and the length it implies; returns (header bytes, dims). No copies."""
+    if len(data) < 4:
+        raise DataError(f"{source}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype != UBYTE or not 1 <= ndim <= 4:
+        raise DataError(f"{source}: bad IDX magic number 0x{bytes(data[:4]).hex()} "
+                        "(expected 0x000008NN, unsigned bytes)")
+    if shape is not None and ndim != len(shape):
+        raise DataError(f"{source}: has {ndim} dimensions, expected {len(shape)}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{source}: truncated IDX header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if shape is not None and dims != tuple(shape):
+        raise DataError(f"{source}: dimensions {dims}, expected {tuple(shape)}")
+    count = 1
+    for d in dims:
+        count *= d
+    if len(data) - header != count:
+        what = "truncated" if len(data) - header < count else "has trailing bytes"
+        raise DataError(f"{source}: {what}: {len(data) - header} data bytes, header says {count}")
+    return header, dims
+
+
+def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Decode IDX bytes (unsigned-byte type) into a uint8 tensor, checking everything first.
+
+    `shape`, when given, is what the file must hold. Raises DataError naming `source`. A
+    bytearray is used in place (the tensor shares its memory), anything else is copied once.
+    """
+    header, dims = _idx_header(data, source, shape)
+    if len(data) == header:
+        return torch.empty(dims, dtype=torch.uint8)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buf, dtype=torch.uint8, offset=header).reshape(dims)
+
+
+def _size(name: str) -> int:
+    shape = FILES[name]
+    n = 1
+    for d in shape:
+        n *= d
+    return 4 + 4 * len(shape) + n
+
+
+def _read_into(f, limit: int) -> bytearray:
+    """Read at most limit + 1 bytes into one buffer (a longer file is caught by the length check)."""
+    buf = bytearray(limit + 1)
+    n, view = 0, memoryview(buf)
+    while n < len(buf):
+        got = f.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    view.release()
+    del buf[n:]
+    return buf
+
+
+def gunzip(path: str, limit: int) -> bytearray:
+    """Decompress a .gz file, reading at most `limit` + 1 bytes (so a gzip bomb cannot fill memory)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = _read_into(f, limit)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError = truncated
+        raise DataError(f"{path}: not a valid gzip file ({e or type(e).__name__})") from None
+    if len(data) > limit:
+        raise DataError(f"{path}: decompresses to more than the expected {limit} bytes")
+    return data
+
+
+def check_bytes(data, name: str, source: str) -> None:
+    """Structure first (clearer messages), then the checksum of the whole content."""
+    _idx_header(data, source, FILES[name])
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SHA256[name]:
+        raise DataError(f"{source}: SHA-256 {digest[:12]}... does not match SHA256SUMS ({SHA256[name][:12]}...)")
+
+
+def read_file(raw: str, name: str) -> bytearray | None:
+    """The verified content of `raw/name`, decompressing `name.gz` beside it if needed.
+
+    None if neither file exists. Never deletes or overwrites anything but its own temp file.
+    """
+    plain = os.path.join(raw, name)
+    gz = plain + ".gz"
+    if os.path.isfile(plain):
+        try:
+            with open(plain, "rb") as f:
+                data = _read_into(f, _size(name))
+        except OSError as e:
+            raise DataError(f"{plain}: cannot read ({e.strerror or e})") from None
+        try:
+            check_bytes(data, name, plain)
+        except DataError as e:
+            raise DataError(f"{e}; delete it to re-extract it from {name}.gz") from None
+        return data
+    if not os.path.isfile(gz):
+        return None
+    data = gunzip(gz, _size(name))
+    check_bytes(data, name, gz)
+    tmp = f"{plain}.{os.getpid()}.tmp"
+    try:  # write-then-rename, so an interrupted run never leaves a half-written file
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, plain)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DataError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
+    return data
+
+
+def prepare_file(raw: str, name: str) -> bool:
+    """Make sure the verified, decompressed `raw/name` exists. False if neither it nor .gz exist."""
+    return read_file(raw, name) is not None
+
+
+def _download(data_dir: str) -> None:
+    """torchvision's own download (needs internet); separate so tests can replace it."""
+    import torchvision
+
+    torchvision.datasets.MNIST(data_dir, train=True, download=True)
+
+
+def _read_or_download(data_dir: str, names) -> list[bytearray]:
+    raw = raw_dir(data_dir)
+    found = [read_file(raw, name) for name in names]
+    missing = [name for name, got in zip(names, found) if got is None]
+    if missing:
+        try:
+            _download(data_dir)
+        except Exception as e:  # any failure of the fallback becomes the one-line message below
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"{raw}: MNIST file(s) missing ({', '.join(m + '.gz' for m in missing)}) and the "
+                f"download failed ({reason}); copy the four MNIST .gz files there or pass "
+                "--data-dir pointing at a folder that holds MNIST/raw/") from None
+        found = [read_file(raw, name) for name in names]
+        if None in found:
+            raise DataError(f"{raw}: MNIST files still missing after the download")
+    return found
+
+
+def ensure_mnist(data_dir=DEFAULT_DATA_DIR) -> str:
+    """Verify (and decompress) all four files, downloading them if absent; returns the raw folder.
+
+    After this, torchvision.datasets.MNIST(data_dir) finds everything it needs.
+    """
+    _read_or_download(os.fspath(data_dir), list(FILES))
+    return raw_dir(data_dir)
+
+
+def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test'.
+
+    The same tensors as torchvision.datasets.MNIST(data_dir).data and .targets (a test checks),
+    decoded here from the verified bytes without a copy: importing torchvision would cost
+    ~190 MiB of resident memory and parse every file a second time.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    images, labels = _read_or_download(os.fspath(data_dir), names)
+    raw = raw_dir(data_dir)
+    images = parse_idx(images, os.path.join(raw, names[0]), FILES[names[0]]).unsqueeze(1)
+    labels = parse_idx(labels, os.path.join(raw, names[1]), FILES[names[1]]).long()
+    return images, labels
+
+
+@dataclass
+class TensorDataset:
+    """A split resident on one device, as uint8 (4x smaller than float; converted per batch)."""
+
+    images: torch.Tensor  # [N, 1, 28, 28] uint8
+    labels: torch.Tensor  # [N] int64
+
+    @classmethod
+    def load(cls, split: str, data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None):
+        images, labels = load_split(split, data_dir)
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return cls(images.to(device), labels.to(device))
+
+    def binarized(self, seed: int) -> "TensorDataset":
+        """A copy with each pixel drawn once as Bernoulli(grey level), stored as 0 or 255."""
+        g = torch.Generator(device=self.images.device).manual_seed(seed)
+        bits = torch.bernoulli(self.images.float().div(255), generator=g)
+        return TensorDataset(bits.mul(255).to(torch.uint8), self.labels)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] and labels for the indices `idx` (a slice or index tensor)."""
+        return self.images[idx].float().div_(255), self.labels[idx]
+
+    def batches(self, batch_size: int, perm: torch.Tensor | None = None, start: int = 0):
+        """Yield (x, labels) over the split in order, or in the order of `perm`, from batch `start`."""
+        n = len(self)
+        for i in range(start * batch_size, n, batch_size):
+            yield self.batch(slice(i, i + batch_size) if perm is None else perm[i:i + batch_size])
