@@ -1,0 +1,128 @@
+"""Write image grids from a trained checkpoint to generated_images/ (or --out).
+
+    python generate.py                         # after python train.py
+    python generate.py --digit 7               # a conditional checkpoint: a grid of 7s
+
+Always: reconstructions.png (rows of test digits, each above its reconstruction), samples.png
+(--n draws from the prior), interpolation.png (rows from one test digit to another, linear in
+the posterior means), traversal.png (one row per latent dimension, the most active by KL first,
+swept over [-3, 3]). With a 2-D latent also manifold.png: decoder means over a grid of z taken
+through the Gaussian inverse CDF (Kingma & Welling 2014, Fig. 4). The model is rebuilt from the
+checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torchvision.utils import save_image
+
+import cli
+from checkpoint import load_model
+from data import DEFAULT_DATA_DIR, TensorDataset
+from train import BINARIZE_SEED, DEFAULT_CHECKPOINT
+
+ROW = 8  # images per row in the reconstruction and sample grids
+INTERP_STEPS = 10
+INTERP_PAIRS = 8
+TRAVERSE = torch.linspace(-3, 3, 11)  # prior standard deviations
+MANIFOLD_SIDE = 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(description="Write reconstruction, sample and latent grids.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
+    p.add_argument("--out", default="generated_images", help="folder for the PNG files")
+    p.add_argument("--n", type=cli._number(int, 1, high=10000), default=64,
+                   help="number of samples (per digit for a conditional model)")
+    p.add_argument("--digit", type=cli._number(int, 0, high=9), default=None,
+                   help="conditional checkpoints: sample only this digit")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="same seed, same images")
+    cli.add_device_flag(p)
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (test digits)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise cli.UserError(f"{args.checkpoint}: no checkpoint; run `python train.py` first "
+                            "(or pass --checkpoint)")
+    device = cli.pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, map_location=device)
+    cond = model.config.num_classes > 0
+    if args.digit is not None and not cond:
+        raise cli.UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint "
+                            "(train with --conditional)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise cli.UserError(f"{args.out}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(args.out, os.W_OK):
+        raise cli.UserError(f"{args.out}: output folder is not writable")
+
+    test = TensorDataset.load("test", args.data_dir, "cpu")
+    if ckpt.get("args", {}).get("binarize"):
+        test = test.binarized(BINARIZE_SEED)  # what the model was trained and evaluated on
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    x, y = test.batch(pick[:4 * ROW])
+    x, y = x.to(device), (y.to(device) if cond else None)
+    written = []
+
+    def save(name: str, images: torch.Tensor, nrow: int) -> None:
+        path = os.path.join(args.out, name)
+        save_image(images.cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
+        written.append(path)
+
+    with torch.inference_mode():
+        # Reconstructions: four rows of test digits, each followed by its reconstruction row.
+        rec = model.reconstruct(x, y)
+        pairs = torch.stack([x.view(4, ROW, *x.shape[1:]), rec.view(4, ROW, *x.shape[1:])], dim=1)
+        save("reconstructions.png", pairs.reshape(-1, *x.shape[1:]), ROW)
+
+        # Samples from the prior: one grid, or one row per digit for a conditional model.
+        if cond and args.digit is None:
+            labels = torch.arange(10, device=device).repeat_interleave(args.n)
+            save("samples.png", model.sample(10 * args.n, labels, generator=gen), args.n)
+        else:
+            labels = None if args.digit is None else torch.full((args.n,), args.digit, device=device)
+            name = "samples.png" if args.digit is None else f"samples_digit{args.digit}.png"
+            save(name, model.sample(args.n, labels, generator=gen), min(ROW, args.n))
+
+        # Interpolations between the posterior means of pairs of test digits.
+        mu, logvar = model.encode(x, y)
+        a, b = mu[:INTERP_PAIRS], mu[INTERP_PAIRS:2 * INTERP_PAIRS]
+        t = torch.linspace(0, 1, INTERP_STEPS, device=device).view(1, -1, 1)
+        z = (a.unsqueeze(1) * (1 - t) + b.unsqueeze(1) * t).reshape(-1, mu.shape[1])
+        zl = None if y is None else y[:INTERP_PAIRS].repeat_interleave(INTERP_STEPS)
+        save("interpolation.png", torch.sigmoid(model.decode(z, zl)), INTERP_STEPS)
+
+        # Traversal: from the first digit's posterior mean, sweep one latent at a time. Order the
+        # dimensions by their average KL over the picked digits: inactive ones (KL ~ 0) come last.
+        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
+        order = torch.argsort(kl_per_dim, descending=True)
+        d, steps = mu.shape[1], TRAVERSE.to(device)
+        z = mu[:1].repeat(d * len(steps), 1).view(d, len(steps), d)
+        z[torch.arange(d), :, order] = steps  # row r sweeps dimension order[r]
+        zl = None if y is None else y[:1].repeat(d * len(steps))
+        save("traversal.png", torch.sigmoid(model.decode(z.view(-1, d), zl)), len(steps))
+
+        # The learned manifold of a 2-D latent (Kingma & Welling 2014, Fig. 4).
+        if d == 2 and (not cond or args.digit is not None):
+            u = torch.linspace(0.05, 0.95, MANIFOLD_SIDE, device=device)
+            g = torch.distributions.Normal(0.0, 1.0).icdf(u)
+            z = torch.stack(torch.meshgrid(g.flip(0), g, indexing="ij"), dim=-1).view(-1, 2)[:, [1, 0]]
+            zl = None if not cond else torch.full((len(z),), args.digit, device=device)
+            save("manifold.png", torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE)
+
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
