@@ -1,0 +1,51 @@
+"""Shared helpers. Tests use the bundled MNIST (a few hundred images) and tiny models: CPU only."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
+TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
+        "--batch-size", "64", "--eval-batch-size", "256"]
+
+
+def run_script(script, *args, timeout=120, **kw):
+    """Run one of the project's scripts in a subprocess; returns CompletedProcess (text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=kw.get("cwd", ROOT))
+
+
+def one_line_error(proc):
+    """The script failed with exactly one non-empty stderr line, and no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def cli_error(main, args, capsys):
+    """Run a script's main() as the command line does (cli.run): exit 1 and one stderr line."""
+    import cli
+
+    capsys.readouterr()
+    code = cli.run(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.fixture(scope="session")
+def mnist_subset():
+    """(x float [256, 1, 28, 28] in [0, 1], labels) from the real test split."""
+    from data import TensorDataset
+
+    ds = TensorDataset.load("test", limit=256)
+    return ds.batch(slice(0, 256))
