@@ -58,8 +58,13 @@ def save_atomic(obj, path) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The informative part of an exception's message, on one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for VAE:"
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def load_checkpoint(path, map_location=None) -> dict:
@@ -72,6 +77,11 @@ def load_checkpoint(path, map_location=None) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        # torch.save always writes a zip archive; anything else (truncated, random bytes, a raw
+        # or legacy pickle) is never handed to the unpickler at all.
+        raise CheckpointError(f"{path}: refused to load: not a torch.save archive (truncated, corrupt "
+                              "or a foreign file); nothing in it was run")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols: our error says it all
             warnings.simplefilter("ignore")
