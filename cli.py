@@ -15,18 +15,29 @@ class UserError(Exception):
     """A problem the user can fix; the scripts print it as one line and exit 1."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to every flag's help, unless the help already words its default."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and defaults shown in every flag's help."""
 
     def __init__(self, **kw):
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw.setdefault("formatter_class", _HelpFormatter)
         super().__init__(**kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind, low, low_open=False, high=None):
+def number(kind, low, low_open=False, high=None):
+    """An argparse type: `kind` (int or float) in [low, high], or (low, high] with low_open."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -43,10 +54,9 @@ def _number(kind, low, low_open=False, high=None):
     return parse
 
 
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-positive_float = _number(float, 0.0, low_open=True)
-non_negative_float = _number(float, 0.0)
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0.0, low_open=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,9 +75,39 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 natively (so autocast to bf16 is a speed-up, not emulation)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:  # not Linux: stay with fp32
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def pick_precision(name: str, device: torch.device) -> bool:
+    """True to train under bf16 autocast. 'auto' uses it where the hardware has native bf16."""
+    if name == "auto":
+        return native_bf16(device)
+    if name == "bf16" and device.type == "mps":
+        raise UserError("--precision bf16: not supported on mps (use fp32)")
+    return name == "bf16"
+
+
+def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    from data import DEFAULT_DATA_DIR
+
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help="folder holding MNIST/raw/ (default: dataset/ beside the scripts)")
+
+
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="auto picks cuda, then mps, then cpu (default: auto)")
+                        help="auto picks cuda, then mps, then cpu")
 
 
 def run(main, argv=None) -> int:
