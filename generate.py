@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 
 import cli
 from checkpoint import load_model
-from data import DEFAULT_DATA_DIR, TensorDataset
+from data import TensorDataset
 from train import BINARIZE_SEED, DEFAULT_CHECKPOINT
 
 ROW = 8  # images per row in the reconstruction and sample grids
@@ -36,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description="Write reconstruction, sample and latent grids.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     p.add_argument("--out", default="generated_images", help="folder for the PNG files")
-    p.add_argument("--n", type=cli._number(int, 1, high=10000), default=64,
+    p.add_argument("--n", type=cli.number(int, 1, high=10000), default=64,
                    help="number of samples (per digit for a conditional model)")
-    p.add_argument("--digit", type=cli._number(int, 0, high=9), default=None,
+    p.add_argument("--digit", type=cli.number(int, 0, high=9), default=None,
                    help="conditional checkpoints: sample only this digit")
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="same seed, same images")
     cli.add_device_flag(p)
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (test digits)")
+    cli.add_data_dir_flag(p)
     return p
 
 
