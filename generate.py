@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         order = torch.argsort(kl_per_dim, descending=True)
         d, steps = mu.shape[1], TRAVERSE.to(device)
         z = mu[:1].repeat(d * len(steps), 1).view(d, len(steps), d)
-        z[torch.arange(d), :, order] = steps  # row r sweeps dimension order[r]
+        z[torch.arange(d, device=device), :, order] = steps  # row r sweeps dimension order[r]
         zl = None if y is None else y[:1].repeat(d * len(steps))
         save("traversal.png", torch.sigmoid(model.decode(z.view(-1, d), zl)), len(steps))
 

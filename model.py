@@ -147,7 +147,8 @@ class VAE(nn.Module):
         labels = torch.as_tensor(labels, device=h.device).long().reshape(-1)
         if labels.shape[0] != h.shape[0]:
             raise ValueError(f"got {labels.shape[0]} labels for a batch of {h.shape[0]}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+        # Checked on the CPU only: on a GPU the comparison would stall the step on a host sync.
+        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= k):
             raise ValueError(f"labels must be in [0, {k - 1}]")
         return torch.cat([h, F.one_hot(labels, k).to(h.dtype)], dim=1)
 
