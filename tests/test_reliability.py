@@ -38,6 +38,23 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+# Runs train.main in a subprocess that sends itself a real signal right after step N.
+SIGNAL_AT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+real, count = train.train_step, [0]
+def step(*a, **kw):
+    out = real(*a, **kw)
+    count[0] += 1
+    if count[0] == {n}:
+        os.kill(os.getpid(), {sig})
+    return out
+train.train_step = step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def start(args, code=None):
     cmd = [sys.executable, "-c", code] if code else [sys.executable, os.path.join(ROOT, "train.py")]
     return subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -77,16 +94,15 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code):
     ckpt = tmp_path / "run.pt"
-    proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt])
-    wait_for(proc, "epoch   1/3")  # printed after epoch 1's checkpoint is written
-    time.sleep(0.3)  # well into epoch 2 (a signal right at the boundary stops there, also correctly)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    at = 128 + 37  # epoch 2, step 37
+    proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt], SIGNAL_AT.format(root=ROOT, n=at, sig=int(sig)))
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"saved {ckpt}" in lines[0] and "--resume" in lines[0]
+    assert len(lines) == 1 and f"saved {ckpt}" in lines[0] and "--resume" in lines[0], err
+    assert "epoch 2, step 37/128" in lines[0]
     c = load_checkpoint(ckpt)
-    assert c["epoch"] == 1 and 0 < c["step"] < 128, c["step"]  # stopped mid-epoch, saved there
+    assert (c["epoch"], c["step"]) == (1, 37)  # stopped mid-epoch, state saved there
     assert len(read_csv(tmp_path / "run.metrics.csv")) == 1
     assert train.main(["--epochs", "3", "--checkpoint", str(ckpt), "--resume"]) == 0
     assert_same_run(reference, ckpt)

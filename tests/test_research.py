@@ -30,16 +30,25 @@ def fitted(mnist_subset):
     return m.eval(), x
 
 
-def test_importance_sampling_bounds_and_tightens(fitted):
-    m, x = fitted
-    x = x[:64]
+def test_importance_sampling_bounds_and_tightens(mnist_subset):
+    """A briefly trained model with 8 latents: q(z|x) is still far from p(z|x), so K matters."""
+    x = mnist_subset[0][:64]
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(arch="mlp", hidden_dim=64, latent_dim=8))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = m.loss(x).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the ELBO itself, averaged over many posterior draws
         elbo = torch.stack([-m.loss(x, generator=g).total for _ in range(200)]).mean().item()
-    lls = {k: m.log_likelihood(x, k=k, chunk=100, generator=g).mean().item() for k in (1, 5, 50, 500)}
-    assert abs(lls[1] - elbo) < 1.0                  # K = 1 is a one-sample ELBO
-    assert lls[500] >= elbo                          # the IS estimate bounds the ELBO from above
-    assert lls[1] < lls[5] < lls[50] <= lls[500] + 0.02  # ... and tightens as K grows
+    lls = {k: m.log_likelihood(x, k=k, chunk=100, generator=g).mean().item() for k in (1, 10, 100, 1000)}
+    assert abs(lls[1] - elbo) < 1.0            # K = 1 is a one-sample ELBO
+    assert lls[1000] > elbo                    # the IS estimate bounds the ELBO from above
+    assert lls[1] < lls[10] < lls[100] < lls[1000]  # ... and tightens as K grows
 
 
 def test_importance_sampling_matches_numerical_integration(fitted):
