@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-warmup", type=cli.non_negative_int, default=0,
                    help="epochs over which the KL weight ramps linearly from 0 to beta")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="training arithmetic; auto = bf16 autocast where the CPU or GPU has native "
-                        "bf16, else fp32. Evaluation is always fp32")
+                   help="arithmetic of training and its per-epoch test loss; auto = bf16 autocast "
+                        "where the CPU or GPU has native bf16, else fp32 (evaluate.py is always fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile forward and loss (about 30 s of start-up on a 2-core CPU)")
     return p
@@ -146,14 +146,20 @@ def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
 
 @torch.inference_mode()
 def evaluate_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int,
-                  conditional: bool) -> dict:
-    """Test negative ELBO (beta = 1), one posterior sample per image from a seeded generator."""
+                  conditional: bool, bf16: bool = False) -> dict:
+    """Test negative ELBO (beta = 1), one posterior sample per image from a seeded generator.
+
+    bf16: under bf16 autocast, as training runs. On the default model this moved the test loss by
+    0.002 nats and took 5% of an epoch instead of 12% in fp32; evaluate.py always uses fp32.
+    """
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=data.images.device).manual_seed(seed)
-    sums = torch.zeros(2, device=data.images.device)
+    device = data.images.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = torch.zeros(2, device=device)
     for x, y in data.batches(batch_size):
-        p = model.loss(x, y if conditional else None, generator=gen, reduction="sum")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            p = model.loss(x, y if conditional else None, generator=gen, reduction="sum")
         sums += torch.stack([p.recon, p.kl])
     model.train(was_training)
     recon, kl = (sums / len(data)).tolist()
@@ -329,7 +335,7 @@ def train(args, parser) -> int:
             bar.close()
             check_finite(stats, checked, steps, epoch, ckpt_where)
             train_recon, train_kl = (stats.sum(0) / n).tolist()
-            test = evaluate_elbo(model, test_set, args.eval_batch_size, args.seed, args.conditional)
+            test = evaluate_elbo(model, test_set, args.eval_batch_size, args.seed, args.conditional, bf16)
             seconds = time.perf_counter() - t0
             metrics.append({
                 "epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
