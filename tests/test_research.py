@@ -15,33 +15,30 @@ from conftest import TINY, cli_error
 from model import VAE, VAEConfig
 
 
-@pytest.fixture(scope="module")
-def fitted(mnist_subset):
-    """A tiny MLP VAE with a 1-D latent, fitted for a few hundred steps on real digits."""
-    x, _ = mnist_subset
+def fit(x, latent_dim: int, steps: int) -> VAE:
+    """A tiny MLP VAE fitted to the images x with full-batch Adam, returned in eval mode."""
     torch.manual_seed(0)
-    m = VAE(VAEConfig(arch="mlp", hidden_dim=64, latent_dim=1))
+    m = VAE(VAEConfig(arch="mlp", hidden_dim=64, latent_dim=latent_dim))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(steps):
         loss = m.loss(x).total
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return m.eval(), x
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def fitted(mnist_subset):
+    """A 1-D latent model fitted for a few hundred steps on real digits."""
+    x, _ = mnist_subset
+    return fit(x, latent_dim=1, steps=300), x
 
 
 def test_importance_sampling_bounds_and_tightens(mnist_subset):
     """A briefly trained model with 8 latents: q(z|x) is still far from p(z|x), so K matters."""
     x = mnist_subset[0][:64]
-    torch.manual_seed(0)
-    m = VAE(VAEConfig(arch="mlp", hidden_dim=64, latent_dim=8))
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(100):
-        loss = m.loss(x).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    m = fit(x, latent_dim=8, steps=100)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the ELBO itself, averaged over many posterior draws
         elbo = torch.stack([-m.loss(x, generator=g).total for _ in range(200)]).mean().item()
