@@ -183,16 +183,15 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar, generator)
         return self.decode(z, labels), mu, logvar
 
-    def loss(self, x, labels=None, beta: float = 1.0, generator=None, target=None,
+    def loss(self, x, labels=None, beta: float = 1.0, generator=None,
              reduction: str = "mean") -> LossParts:
         """Negative ELBO with one posterior sample (Kingma & Welling 2014, eq. 10).
 
-        `target` is what the decoder must explain (defaults to x): pass binarized pixels here to
-        train on a binarized view of x. `beta` weighs the KL (beta = 1 is the true ELBO).
-        reduction "mean" averages over images, "sum" adds them, "none" keeps [B].
+        `beta` weighs the KL (beta = 1 is the true ELBO). reduction "mean" averages over
+        images, "sum" adds them, "none" keeps [B].
         """
         logits, mu, logvar = self(x, labels, generator)
-        recon = bernoulli_nll(logits.float(), (x if target is None else target).float())
+        recon = bernoulli_nll(logits.float(), x.float())
         kl = gaussian_kl(mu.float(), logvar.float())
         parts = LossParts(recon + beta * kl, recon, kl)
         if reduction == "none":
@@ -221,7 +220,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(self, x, labels=None, k: int = 1000, chunk: int = 100,
-                       target=None, generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Importance-sampled log p(x) per image, [B] (Burda et al. 2015, eq. 8):
 
         log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
@@ -229,7 +228,6 @@ class VAE(nn.Module):
         """
         if k < 1 or chunk < 1:
             raise ValueError("k and chunk must be >= 1")
-        target = x if target is None else target
         mu, logvar = self.encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         std = torch.exp(0.5 * logvar)
@@ -244,7 +242,7 @@ class VAE(nn.Module):
             log_p_z = (-0.5 * (z.pow(2) + LOG_2PI)).sum(-1)
             # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
             logits = self.decode(z.reshape(m * b, d), None if labels is None else labels.repeat(m))
-            tgt = target.expand(m, *target.shape).reshape(m * b, *target.shape[1:])
+            tgt = x.expand(m, *x.shape).reshape(m * b, *x.shape[1:])
             log_px_z = -bernoulli_nll(logits.float(), tgt.float()).view(m, b)
             w = log_px_z + log_p_z - log_q  # [m, B] log importance weights
             total = torch.logaddexp(total, torch.logsumexp(w, dim=0))
