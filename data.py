@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
 
-# name -> (IDX type code 0x08 = unsigned byte, shape); see http://yann.lecun.com/exdb/mnist/
+# name -> shape; every file holds unsigned bytes (IDX type 0x08). http://yann.lecun.com/exdb/mnist/
 FILES = {
     "train-images-idx3-ubyte": (60000, 28, 28),
     "train-labels-idx1-ubyte": (60000,),
@@ -37,6 +38,7 @@ SHA256 = {
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
 }
 UBYTE = 0x08
+BINARIZE_SEED = 0  # the binarized test set is the same for every run, checkpoint and script
 
 
 class DataError(Exception):
@@ -63,9 +65,7 @@ def _idx_header(data, source: str, shape: tuple[int, ...] | None) -> tuple[int, 
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if shape is not None and dims != tuple(shape):
         raise DataError(f"{source}: dimensions {dims}, expected {tuple(shape)}")
-    count = 1
-    for d in dims:
-        count *= d
+    count = math.prod(dims)
     if len(data) - header != count:
         what = "truncated" if len(data) - header < count else "has trailing bytes"
         raise DataError(f"{source}: {what}: {len(data) - header} data bytes, header says {count}")
@@ -86,11 +86,9 @@ def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.
 
 
 def _size(name: str) -> int:
+    """Bytes of the decompressed file: 4-byte magic, 4 bytes per dimension, the data."""
     shape = FILES[name]
-    n = 1
-    for d in shape:
-        n *= d
-    return 4 + 4 * len(shape) + n
+    return 4 + 4 * len(shape) + math.prod(shape)
 
 
 def _read_into(f, limit: int) -> bytearray:
@@ -246,8 +244,17 @@ class TensorDataset:
         """Float images in [0, 1] and labels for the indices `idx` (a slice or index tensor)."""
         return self.images[idx].float().div_(255), self.labels[idx]
 
-    def batches(self, batch_size: int, perm: torch.Tensor | None = None, start: int = 0):
-        """Yield (x, labels) over the split in order, or in the order of `perm`, from batch `start`."""
-        n = len(self)
-        for i in range(start * batch_size, n, batch_size):
-            yield self.batch(slice(i, i + batch_size) if perm is None else perm[i:i + batch_size])
+    def batches(self, batch_size: int):
+        """Yield (x, labels) over the split in order (evaluation; training indexes a permutation)."""
+        for i in range(0, len(self), batch_size):
+            yield self.batch(slice(i, i + batch_size))
+
+
+def load_test_set(data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None,
+                  binarize: bool = False) -> TensorDataset:
+    """The test split as every script evaluates it. For binarized runs, each pixel is drawn once as
+    Bernoulli(grey level) with BINARIZE_SEED, on the CPU so every device gets the same images."""
+    test = TensorDataset.load("test", data_dir, "cpu", limit)
+    if binarize:
+        test = test.binarized(BINARIZE_SEED)
+    return TensorDataset(test.images.to(device), test.labels.to(device))

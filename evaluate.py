@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import load_model
-from data import TensorDataset
-from train import BINARIZE_SEED, DEFAULT_CHECKPOINT, evaluate_elbo
+from data import TensorDataset, load_test_set
+from train import DEFAULT_CHECKPOINT, evaluate_elbo
 
 
 def build_parser():
@@ -68,10 +68,7 @@ def main(argv=None) -> int:
     model, ckpt = load_model(args.checkpoint, map_location=device)
     binarize = bool(ckpt.get("args", {}).get("binarize"))
     conditional = model.config.num_classes > 0
-    test = TensorDataset.load("test", args.data_dir, "cpu", args.limit)
-    if binarize:
-        test = test.binarized(BINARIZE_SEED)
-    test = TensorDataset(test.images.to(device), test.labels.to(device))
+    test = load_test_set(args.data_dir, device, args.limit, binarize)
     print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}), {len(test):,} test images, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
 

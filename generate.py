@@ -22,8 +22,8 @@ from torchvision.utils import save_image
 
 import cli
 from checkpoint import load_model
-from data import TensorDataset
-from train import BINARIZE_SEED, DEFAULT_CHECKPOINT
+from data import load_test_set
+from train import DEFAULT_CHECKPOINT
 
 ROW = 8  # images per row in the reconstruction and sample grids
 INTERP_STEPS = 10
@@ -64,9 +64,8 @@ def main(argv=None) -> int:
     if not os.access(args.out, os.W_OK):
         raise cli.UserError(f"{args.out}: output folder is not writable")
 
-    test = TensorDataset.load("test", args.data_dir, "cpu")
-    if ckpt.get("args", {}).get("binarize"):
-        test = test.binarized(BINARIZE_SEED)  # what the model was trained and evaluated on
+    # The test digits as the model was trained and evaluated on them (binarized or not).
+    test = load_test_set(args.data_dir, "cpu", binarize=bool(ckpt.get("args", {}).get("binarize")))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
     x, y = test.batch(pick[:4 * ROW])

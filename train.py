@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import FORMAT, CheckpointLock, load_model, save_atomic
-from data import TensorDataset
+from data import TensorDataset, load_test_set
 from model import VAE, VAEConfig
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 LOG_EVERY = 50  # steps between host syncs (progress bar update and non-finite check)
-BINARIZE_SEED = 0  # the binarized test set is the same for every run and checkpoint
 # Flags that define a run: on --resume they are taken from the checkpoint, not the command line.
 RUN_FLAGS = ("batch_size", "lr", "lr_decay", "seed", "limit", "binarize", "conditional", "beta",
              "kl_warmup", "eval_batch_size", "precision")
@@ -279,10 +278,7 @@ def train(args, parser) -> int:
         compile_loss(model)
 
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
-    test_set = TensorDataset.load("test", args.data_dir, "cpu", args.limit)
-    if args.binarize:  # binarized once, the same way for every run, on the CPU so devices agree
-        test_set = test_set.binarized(BINARIZE_SEED)
-    test_set = TensorDataset(test_set.images.to(device), test_set.labels.to(device))
+    test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
     n, bs = len(train_set), args.batch_size
     steps = math.ceil(n / bs)
     ckpt_where = (f"the last good checkpoint {args.checkpoint} is untouched"

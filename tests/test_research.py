@@ -89,10 +89,10 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
 
 
 def test_binarized_test_set_is_fixed_and_binary():
-    from data import TensorDataset
+    from data import TensorDataset, load_test_set
 
     test = TensorDataset.load("test", limit=100)
-    a, b = test.binarized(train.BINARIZE_SEED), test.binarized(train.BINARIZE_SEED)
+    a, b = load_test_set(limit=100, binarize=True), load_test_set(limit=100, binarize=True)
     assert torch.equal(a.images, b.images)
     assert set(a.images.unique().tolist()) <= {0, 255}
     # Pixel means match grey levels on average (Bernoulli(grey) draws).
