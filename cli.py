@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -96,6 +97,16 @@ def pick_precision(name: str, device: torch.device) -> bool:
     if name == "bf16" and device.type == "mps":
         raise UserError("--precision bf16: not supported on mps (use fp32)")
     return name == "bf16"
+
+
+def ensure_folder(folder: str, what: str) -> None:
+    """Create `folder` if needed; a one-line UserError if that fails or it is not writable."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the {what} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{folder}: {what} is not writable")
 
 
 def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:

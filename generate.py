@@ -57,12 +57,7 @@ def main(argv=None) -> int:
     if args.digit is not None and not cond:
         raise cli.UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint "
                             "(train with --conditional)")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise cli.UserError(f"{args.out}: cannot create the output folder ({e.strerror or e})") from None
-    if not os.access(args.out, os.W_OK):
-        raise cli.UserError(f"{args.out}: output folder is not writable")
+    cli.ensure_folder(args.out, "output folder")
 
     # The test digits as the model was trained and evaluated on them (binarized or not).
     test = load_test_set(args.data_dir, "cpu", binarize=bool(ckpt.get("args", {}).get("binarize")))

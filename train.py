@@ -195,13 +195,7 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, epoch: int, where: 
 
 def prepare_output(path: str) -> None:
     """Create the checkpoint's folder now, so a bad path fails before any training."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise cli.UserError(f"{folder}: cannot create the checkpoint folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK):
-        raise cli.UserError(f"{folder}: checkpoint folder is not writable")
+    cli.ensure_folder(os.path.dirname(os.path.abspath(path)), "checkpoint folder")
     if os.path.isdir(path):
         raise cli.UserError(f"{path}: is a folder, expected a checkpoint file path")
 
