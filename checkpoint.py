@@ -30,6 +30,8 @@ class CheckpointError(ValueError):
 
 class CheckpointBusy(Exception):
     """Another process holds the checkpoint's lock."""
+
+
 REQUIRED_KEYS = ("format", "model_config", "model", "epoch")
 
 
@@ -71,8 +73,8 @@ def load_checkpoint(path, map_location=None) -> dict:
     """Load and validate a checkpoint; adds `config`, the parsed VAEConfig.
 
     Raises CheckpointError (a ValueError) with a one-line message naming the file for anything
-    unusable: a missing file: a crafted pickle (refused by weights_only=True, its
-    payload never runs), truncated or random bytes, missing keys, a bad config.
+    unusable: a missing file, a file that is not a torch.save archive (never unpickled), a crafted
+    pickle (refused by weights_only=True, its payload never runs), missing keys, a bad config.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
