@@ -164,9 +164,15 @@ class VAE(nn.Module):
         return mu, logvar
 
     @staticmethod
-    def reparameterize(mu, logvar, generator: torch.Generator | None = None):
-        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, sec. 2.4)."""
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    def reparameterize(mu, logvar, generator: torch.Generator | None = None,
+                       eps: torch.Tensor | None = None):
+        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, sec. 2.4).
+
+        eps: a given draw, [B, latent_dim], instead of one from `generator`. torch.compile cannot
+        trace a Generator, so a compiled training step draws eps outside and passes it in.
+        """
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,20 +183,20 @@ class VAE(nn.Module):
             h = self.dec_body(h.view(-1, *self.feat_shape))
         return h.view(-1, c.image_channels, c.image_size, c.image_size)
 
-    def forward(self, x, labels=None, generator=None):
-        """x -> (logits, mu, logvar) with one posterior sample z."""
+    def forward(self, x, labels=None, generator=None, eps=None):
+        """x -> (logits, mu, logvar) with one posterior sample z (eps: see reparameterize)."""
         mu, logvar = self.encode(x, labels)
-        z = self.reparameterize(mu, logvar, generator)
+        z = self.reparameterize(mu, logvar, generator, eps)
         return self.decode(z, labels), mu, logvar
 
     def loss(self, x, labels=None, beta: float = 1.0, generator=None,
-             reduction: str = "mean") -> LossParts:
+             reduction: str = "mean", eps=None) -> LossParts:
         """Negative ELBO with one posterior sample (Kingma & Welling 2014, eq. 10).
 
         `beta` weighs the KL (beta = 1 is the true ELBO). reduction "mean" averages over
-        images, "sum" adds them, "none" keeps [B].
+        images, "sum" adds them, "none" keeps [B]. eps: see reparameterize.
         """
-        logits, mu, logvar = self(x, labels, generator)
+        logits, mu, logvar = self(x, labels, generator, eps)
         recon = bernoulli_nll(logits.float(), x.float())
         kl = gaussian_kl(mu.float(), logvar.float())
         parts = LossParts(recon + beta * kl, recon, kl)

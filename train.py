@@ -126,6 +126,14 @@ def kl_weight(beta: float, warmup: int, progress: float) -> float:
     return beta if warmup == 0 else beta * min(1.0, progress / warmup)
 
 
+def draw_eps(model: VAE, n: int, generator: torch.Generator, bf16: bool) -> torch.Tensor:
+    """The reparameterisation noise for n images, drawn outside the model so that a compiled loss
+    is one graph (torch.compile cannot trace a Generator; each break costs a graph call per step).
+    Same draw as the model's own: under bf16 autocast its mu is bf16, so eps is too."""
+    return torch.randn(n, model.config.latent_dim, generator=generator, device=model.device,
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
 def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
                binarize: bool = False, bf16: bool = False) -> torch.Tensor:
     """One Adam step on a batch; returns [sum of recon, sum of KL] as a device tensor (no sync).
@@ -135,8 +143,9 @@ def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
     """
     if binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
         x = torch.bernoulli(x, generator=noise)
+    eps = draw_eps(model, len(x), noise, bf16)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        parts = model.loss(x, labels, beta=beta, generator=noise, reduction="none")
+        parts = model.loss(x, labels, beta=beta, reduction="none", eps=eps)
     opt.zero_grad(set_to_none=True)
     parts.total.mean().backward()
     opt.step()
@@ -158,7 +167,8 @@ def evaluate_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int,
     sums = torch.zeros(2, device=device)
     for x, y in data.batches(batch_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            p = model.loss(x, y if conditional else None, generator=gen, reduction="sum")
+            p = model.loss(x, y if conditional else None, reduction="sum",
+                           eps=draw_eps(model, len(x), gen, bf16))
         sums += torch.stack([p.recon, p.kl])
     model.train(was_training)
     recon, kl = (sums / len(data)).tolist()

@@ -89,3 +89,27 @@ def test_config_round_trip_and_validation():
             VAEConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
         VAEConfig.from_dict({**c.to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_given_eps_is_the_models_own_draw(bf16):
+    """train.draw_eps draws exactly what the model would, so passing eps in (as the training step
+    does, for torch.compile) changes no result, in fp32 and under bf16 autocast."""
+    from train import draw_eps
+
+    torch.manual_seed(0)
+    m, x = VAE(VAEConfig(**SMALL)), torch.rand(4, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        own = m.loss(x, generator=torch.Generator().manual_seed(3), reduction="none")
+        given = m.loss(x, reduction="none", eps=draw_eps(m, 4, torch.Generator().manual_seed(3), bf16))
+    assert torch.equal(own.total, given.total)
+
+
+def test_loss_with_given_eps_traces_as_one_graph():
+    """torch.compile cannot trace a Generator; with eps given, forward and loss are one graph
+    (each graph break would add a compiled-graph call to every training step)."""
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(**SMALL))
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, SMALL["latent_dim"])
+    explained = torch._dynamo.explain(lambda x, eps: m.loss(x, reduction="none", eps=eps))(x, eps)
+    assert explained.graph_break_count == 0, explained.break_reasons
