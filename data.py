@@ -242,6 +242,8 @@ class TensorDataset:
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels for the indices `idx` (a slice or index tensor)."""
+        if not isinstance(idx, slice):  # index_select: 9x faster than images[idx] here (uint8, CPU)
+            return self.images.index_select(0, idx).float().div_(255), self.labels.index_select(0, idx)
         return self.images[idx].float().div_(255), self.labels[idx]
 
     def batches(self, batch_size: int):

@@ -29,6 +29,9 @@ def test_splits_load_as_uint8_tensors():
     x, y = ds.batch(torch.tensor([3, 1]))
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.shape == (2, 1, 28, 28)
     assert y.tolist() == ds.labels[[3, 1]].tolist()
+    assert torch.equal(x, ds.images[[3, 1]].float() / 255)
+    xs, ys = ds.batch(slice(1, 4))
+    assert torch.equal(xs[2], x[0]) and ys.tolist() == ds.labels[1:4].tolist()
 
 
 def _idx(dims, payload=None, magic=b"\x00\x00\x08"):
