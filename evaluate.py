@@ -60,6 +60,7 @@ def importance_nll(model, data: TensorDataset, k: int, chunk: int, batch_size: i
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    cli.keep_freed_memory()
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):

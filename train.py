@@ -220,6 +220,7 @@ def remove_stale_temp_files(checkpoint: str) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.keep_freed_memory()
     prepare_output(args.checkpoint)
     with CheckpointLock(args.checkpoint):
         remove_stale_temp_files(args.checkpoint)

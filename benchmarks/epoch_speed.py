@@ -11,7 +11,9 @@ path differs:
   (shuffle=True, num_workers=1), batches copied to the device (what most tutorials do).
 They alternate epoch by epoch in one process, so machine noise hits both alike. Reported:
 median images/second, the ratio, and the peak memory while each pipeline ran (resident set
-size on CPU, sampled every 5 ms; allocated device memory on a GPU).
+size on CPU, sampled every 5 ms; allocated device memory on a GPU) and the main process's minor
+page faults per step. The malloc tuning of train.py (cli.keep_freed_memory) is process-wide, so
+it applies to both pipelines; --malloc-defaults turns it off for both.
 """
 
 from __future__ import annotations
@@ -86,18 +88,29 @@ def conventional_epoch(model, opt, loader, device, noise, bf16):
         train_step(model, opt, x, None, 1.0, noise, bf16=bf16)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform has no getrusage)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, device):
-    """(seconds, peak memory in bytes) of one call."""
+    """(seconds, peak memory in bytes, minor page faults in the main process) of one call."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     with PeakRSS() as mem:
+        faults = minor_faults()
         t0 = time.perf_counter()
         fn()
         sync(device)
         seconds = time.perf_counter() - t0
+        faults = minor_faults() - faults
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
-    return seconds, peak
+    return seconds, peak, faults
 
 
 def main(argv=None) -> int:
@@ -111,8 +124,13 @@ def main(argv=None) -> int:
                    help="as in train.py (auto: bf16 where the hardware has it natively)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile forward and loss, for both pipelines (as train.py --compile)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc settings alone (train.py tunes them: "
+                        "cli.keep_freed_memory), to see what that tuning is worth")
     cli.add_data_dir_flag(p)
     args = p.parse_args(argv)
+    if not args.malloc_defaults:
+        cli.keep_freed_memory()
 
     import torchvision
     from torchvision import transforms
@@ -122,14 +140,16 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compile else ''}, "
-          f"batch {args.batch_size}, {args.rounds} rounds")
+          f"{'default' if args.malloc_defaults else 'tuned'} malloc, batch {args.batch_size}, "
+          f"{args.rounds} rounds")
     ensure_mnist(args.data_dir)
     data = TensorDataset.load("train", args.data_dir, device)
     conventional = torchvision.datasets.MNIST(args.data_dir, train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(conventional, batch_size=args.batch_size, shuffle=True,
                                          num_workers=1, pin_memory=device.type == "cuda")
     n = len(data)
-    print(f"{'model':8s} {'pipeline':13s} {'img/s':>9s} {'epoch s':>8s} {'peak MiB':>9s}")
+    print(f"{'model':8s} {'pipeline':13s} {'img/s':>9s} {'epoch s':>8s} {'peak MiB':>9s} "
+          f"{'faults/step':>11s}")
     for model_name in args.models:
         torch.manual_seed(0)
         model = VAE(MODELS[model_name]).to(device)
@@ -151,11 +171,13 @@ def main(argv=None) -> int:
             for k in order:
                 results[k].append(timed(runs[k], device))
         ips = {}
+        steps = -(-n // args.batch_size)
         for k, rs in results.items():
-            secs = statistics.median(s for s, _ in rs)
+            secs = statistics.median(s for s, _, _ in rs)
             ips[k] = n / secs
-            print(f"{model_name:8s} {k:13s} {ips[k]:9.0f} {secs:8.2f} {max(m for _, m in rs) / 2**20:9.0f}",
-                  flush=True)
+            faults = statistics.median(f for _, _, f in rs) / steps
+            print(f"{model_name:8s} {k:13s} {ips[k]:9.0f} {secs:8.2f} "
+                  f"{max(m for _, m, _ in rs) / 2**20:9.0f} {faults:11.1f}", flush=True)
         print(f"{model_name:8s} speed-up: {ips['project'] / ips['conventional']:.1f}x")
     return 0
 
