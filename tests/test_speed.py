@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 # Training steps of the default model at batch 128, as train.py runs them on CPU; prints the
-# minor page faults of steps 3 to 7.
+# minor page faults of steps 4 to 13.
 STEPS = """
 import resource, sys, torch
 import cli
@@ -23,9 +23,9 @@ x, noise = torch.rand(128, 1, 28, 28), torch.Generator().manual_seed(0)
 def steps(n):
     for _ in range(n):
         train_step(model, opt, x, None, 1.0, noise)
-steps(2)
+steps(3)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-steps(5)
+steps(10)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -39,6 +39,8 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_stops_refaulting_every_step():
     default = _faults("default")
-    if default < 5 * 256:  # this libc keeps the memory anyway: nothing to show
+    if default < 10 * 256:  # this libc keeps the memory anyway: nothing to show
         pytest.skip(f"the C library's defaults already keep freed memory ({default} faults)")
-    assert _faults("tuned") < default / 20
+    # Seen: about 55,000 faults by default, 0 to 2,000 tuned (pages the kernel reclaimed from
+    # the process's libraries and faults back in, which no malloc setting affects).
+    assert _faults("tuned") < default / 10
