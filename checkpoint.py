@@ -35,15 +35,16 @@ class CheckpointBusy(Exception):
 REQUIRED_KEYS = ("format", "model_config", "model", "epoch")
 
 
-def save_atomic(obj, path) -> None:
-    """torch.save to a temp file beside `path`, then rename over it (atomic on POSIX and Windows)."""
+def write_atomic(path, write) -> None:
+    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`
+    (atomic on POSIX and Windows): readers see the old file or the new one, never part of one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is a rename, never a copy
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,6 +58,11 @@ def save_atomic(obj, path) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save `obj` to `path` through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _first_line(e: BaseException) -> str:

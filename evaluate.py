@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import cli
-from checkpoint import load_model
+from checkpoint import load_model, write_atomic
 from data import TensorDataset, load_test_set
 from train import DEFAULT_CHECKPOINT, evaluate_elbo
 
@@ -87,10 +87,7 @@ def main(argv=None) -> int:
     print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} "
           f"(one posterior sample per image)")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        write_atomic(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
         print(f"wrote {args.json}")
     return 0
 

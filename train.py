@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import cli
-from checkpoint import FORMAT, CheckpointLock, load_model, save_atomic
+from checkpoint import FORMAT, CheckpointLock, load_model, save_atomic, write_atomic
 from data import TensorDataset, load_test_set
 from model import VAE, VAEConfig
 
@@ -186,10 +186,7 @@ def write_metrics(path: str, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def check_finite(stats: torch.Tensor, start: int, stop: int, epoch: int, where: str) -> None:
