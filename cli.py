@@ -106,7 +106,7 @@ def keep_freed_memory() -> None:
     glibc serves blocks above a moving threshold with mmap and trims the heap's top on free, so
     every training step of the default model on CPU page-faulted its activations back in: about
     2,400 minor faults and 4 ms of kernel time per step (benchmarks/epoch_speed.py shows faults per
-    image with and without this). Allocations under 32 MiB now stay in the heap, which keeps up to
+    step with and without this). Allocations under 32 MiB now stay in the heap, which keeps up to
     256 MiB free for the next step; peak memory is what one step needs, as before. A no-op where
     the C library is not glibc.
     """

@@ -18,6 +18,7 @@ it applies to both pipelines; --malloc-defaults turns it off for both.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
             for k in order:
                 results[k].append(timed(runs[k], device))
         ips = {}
-        steps = -(-n // args.batch_size)
+        steps = math.ceil(n / args.batch_size)
         for k, rs in results.items():
             secs = statistics.median(s for s, _, _ in rs)
             ips[k] = n / secs
