@@ -105,11 +105,15 @@ def test_given_eps_is_the_models_own_draw(bf16):
     assert torch.equal(own.total, given.total)
 
 
-def test_loss_with_given_eps_traces_as_one_graph():
-    """torch.compile cannot trace a Generator; with eps given, forward and loss are one graph
-    (each graph break would add a compiled-graph call to every training step)."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_objective_traces_as_one_graph(bf16):
+    """torch.compile cannot trace a Generator; with eps given, forward, loss and the logged sums
+    are one graph (each graph break would add a compiled-graph call to every training step)."""
+    from train import objective
+
     torch.manual_seed(0)
     m = VAE(VAEConfig(**SMALL))
     x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, SMALL["latent_dim"])
-    explained = torch._dynamo.explain(lambda x, eps: m.loss(x, reduction="none", eps=eps))(x, eps)
+    explained = torch._dynamo.explain(objective)(m, x, None, 1.0, eps, bf16)
     assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
