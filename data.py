@@ -217,6 +217,11 @@ def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, tor
     return images, labels
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 grey levels 0..255 -> float in [0, 1]; float images pass through unchanged."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 @dataclass
 class TensorDataset:
     """A split resident on one device, as uint8 (4x smaller than float; converted per batch)."""
@@ -240,11 +245,18 @@ class TensorDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def gather(self, idx, labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored uint8 images and (if asked for) the labels at `idx` (a slice or index tensor).
+        Training passes these on as they are, so a compiled step converts them in its graph."""
+        if isinstance(idx, slice):
+            return self.images[idx], self.labels[idx] if labels else None
+        # index_select: 9x faster than images[idx] here (uint8 rows, CPU)
+        return self.images.index_select(0, idx), self.labels.index_select(0, idx) if labels else None
+
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels for the indices `idx` (a slice or index tensor)."""
-        if not isinstance(idx, slice):  # index_select: 9x faster than images[idx] here (uint8, CPU)
-            return self.images.index_select(0, idx).float().div_(255), self.labels.index_select(0, idx)
-        return self.images[idx].float().div_(255), self.labels[idx]
+        x, y = self.gather(idx)
+        return to_unit(x), y
 
     def batches(self, batch_size: int):
         """Yield (x, labels) over the split in order (evaluation; training indexes a permutation)."""

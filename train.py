@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import FORMAT, CheckpointLock, load_model, save_atomic, write_atomic
-from data import TensorDataset, load_test_set
+from data import TensorDataset, load_test_set, to_unit
 from model import VAE, VAEConfig
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
@@ -132,12 +132,14 @@ def draw_eps(model: VAE, n: int, generator: torch.Generator, bf16: bool) -> torc
 
 def objective(model: VAE, x, labels, beta: float, eps, bf16: bool):
     """The loss a step minimises (the mean over the batch of recon + beta * KL) and, for the log,
-    [sum of recon, sum of KL] over the batch, detached.
+    [sum of recon, sum of KL] over the batch, detached. x: float images in [0, 1], or the stored
+    uint8 ones (converted here, so that a compiled step fuses the conversion).
 
     bf16: the forward pass runs under bf16 autocast (matmuls and convolutions in bf16, the loss
     in fp32; backward follows the forward's dtypes). Weights and optimiser stay fp32.
     One function, so that `compile_objective` makes forward, loss and sums one graph.
     """
+    x = to_unit(x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         parts = model.loss(x, labels, beta=beta, reduction="none", eps=eps)
     return parts.total.mean(), torch.stack([parts.recon.detach().sum(), parts.kl.detach().sum()])
@@ -189,10 +191,11 @@ def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
                binarize: bool = False, bf16: bool = False, objective_fn=objective) -> torch.Tensor:
     """One Adam step on a batch; returns [sum of recon, sum of KL] as a device tensor (no sync).
 
-    bf16: see `objective`; objective_fn: `objective` itself or `compile_objective()`.
+    x: as for `objective` (train.py passes the stored uint8 images); bf16: see `objective`;
+    objective_fn: `objective` itself or `compile_objective()`.
     """
     if binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
-        x = torch.bernoulli(x, generator=noise)
+        x = torch.bernoulli(to_unit(x), generator=noise)
     loss, stats = objective_fn(model, x, labels, beta, draw_eps(model, len(x), noise, bf16), bf16)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -361,10 +364,10 @@ def train(args, parser) -> int:
             bar = tqdm(range(first, steps), total=steps, initial=first, leave=False, disable=None,
                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
             for i in bar:
-                x, y = train_set.batch(perm[i * bs:(i + 1) * bs])
+                x, y = train_set.gather(perm[i * bs:(i + 1) * bs], labels=args.conditional)
                 for group in opt.param_groups:  # a function of progress alone, so resumes replay it
                     group["lr"] = args.lr * args.lr_decay ** (epoch + i / steps)
-                stats[i] = train_step(model, opt, x, y if args.conditional else None,
+                stats[i] = train_step(model, opt, x, y,
                                       kl_weight(args.beta, args.kl_warmup, epoch + i / steps),
                                       noise, args.binarize, bf16, objective_fn)
                 if stop.signum is not None or (i + 1) % LOG_EVERY == 0:

@@ -83,7 +83,7 @@ def sync(device):
 def project_epoch(model, opt, data, bs, noise, bf16, objective_fn):
     perm = torch.randperm(len(data)).to(data.images.device)
     for i in range(0, len(data), bs):
-        x, _ = data.batch(perm[i:i + bs])
+        x, _ = data.gather(perm[i:i + bs], labels=False)
         train_step(model, opt, x, None, 1.0, noise, bf16=bf16, objective_fn=objective_fn)
 
 

@@ -32,6 +32,10 @@ def test_splits_load_as_uint8_tensors():
     assert torch.equal(x, ds.images[[3, 1]].float() / 255)
     xs, ys = ds.batch(slice(1, 4))
     assert torch.equal(xs[2], x[0]) and ys.tolist() == ds.labels[1:4].tolist()
+    # What training passes on: the stored uint8 rows, labels only when asked for.
+    raw, none = ds.gather(torch.tensor([3, 1]), labels=False)
+    assert raw.dtype == torch.uint8 and none is None and torch.equal(data.to_unit(raw), x)
+    assert data.to_unit(x) is x
 
 
 def _idx(dims, payload=None, magic=b"\x00\x00\x08"):

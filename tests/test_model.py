@@ -106,6 +106,19 @@ def test_given_eps_is_the_models_own_draw(bf16):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+def test_training_objective_takes_the_stored_uint8_images(bf16):
+    """train.py passes uint8 batches, converted inside the objective: the same loss to the bit."""
+    from train import objective
+
+    torch.manual_seed(0)
+    m, raw = VAE(VAEConfig(**SMALL)), torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    eps = torch.randn(4, SMALL["latent_dim"]).to(torch.bfloat16 if bf16 else torch.float32)
+    from_uint8 = objective(m, raw, None, 1.0, eps, bf16)
+    from_float = objective(m, raw.float() / 255, None, 1.0, eps, bf16)
+    assert all(torch.equal(a, b) for a, b in zip(from_uint8, from_float))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
 def test_training_objective_traces_as_one_graph(bf16):
     """torch.compile cannot trace a Generator; with eps given, forward, loss and the logged sums
     are one graph (each graph break would add a compiled-graph call to every training step)."""
@@ -113,7 +126,8 @@ def test_training_objective_traces_as_one_graph(bf16):
 
     torch.manual_seed(0)
     m = VAE(VAEConfig(**SMALL))
-    x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, SMALL["latent_dim"])
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)  # as train.py passes them
+    eps = torch.randn(4, SMALL["latent_dim"])
     explained = torch._dynamo.explain(objective)(m, x, None, 1.0, eps, bf16)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
