@@ -11,6 +11,7 @@ import sys
 import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class UserError(Exception):
@@ -135,6 +136,11 @@ def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                         help="folder holding MNIST/raw/ (default: dataset/ beside the scripts)")
+
+
+def add_precision_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """--precision, read by pick_precision."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=help)
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:

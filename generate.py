@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 import cli
 from checkpoint import load_model
 from data import load_test_set
+from model import gaussian_kl
 from train import DEFAULT_CHECKPOINT
 
 ROW = 8  # images per row in the reconstruction and sample grids
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
 
         # Traversal: from the first digit's posterior mean, sweep one latent at a time. Order the
         # dimensions by their average KL over the picked digits: inactive ones (KL ~ 0) come last.
-        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
+        kl_per_dim = gaussian_kl(mu, logvar, per_dim=True).mean(0)
         order = torch.argsort(kl_per_dim, descending=True)
         d, steps = mu.shape[1], TRAVERSE.to(device)
         z = mu[:1].repeat(d * len(steps), 1).view(d, len(steps), d)

@@ -78,12 +78,13 @@ class LossParts(NamedTuple):
     kl: torch.Tensor  # KL(q(z|x) || N(0, I)), analytic
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim.
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim, or per dimension (per_dim).
 
     Kingma & Welling (2014), App. B: -KL = 1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2).
     """
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    terms = 1 + logvar - mu.pow(2) - logvar.exp()
+    return -0.5 * (terms if per_dim else torch.sum(terms, dim=-1))
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

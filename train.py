@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=cli.positive_float, default=1.0, help="weight of the KL term (beta-VAE)")
     p.add_argument("--kl-warmup", type=cli.non_negative_int, default=0,
                    help="epochs over which the KL weight ramps linearly from 0 to beta")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="arithmetic of training and its per-epoch test loss; auto = bf16 autocast "
-                        "where the CPU or GPU has native bf16, else fp32 (evaluate.py is always fp32)")
+    cli.add_precision_flag(p, help="arithmetic of training and its per-epoch test loss; auto = bf16 "
+                                   "autocast where the CPU or GPU has native bf16, else fp32 "
+                                   "(evaluate.py is always fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's forward and loss (about 30 s of start-up on a "
                         "2-core CPU; evaluation stays eager)")
@@ -208,8 +208,9 @@ def evaluate_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int,
                   conditional: bool, bf16: bool = False) -> dict:
     """Test negative ELBO (beta = 1), one posterior sample per image from a seeded generator.
 
-    bf16: under bf16 autocast, as training runs. On the default model this moved the test loss by
-    0.002 nats and took 5% of an epoch instead of 12% in fp32; evaluate.py always uses fp32.
+    bf16: under bf16 autocast, as training runs. On the trained default model this moved the test
+    loss by 0.001 nats and took about 6% of an epoch instead of 9% in fp32 (README, Speed);
+    evaluate.py always uses fp32.
     """
     was_training = model.training
     model.eval()

@@ -146,9 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="epochs of only the first N images (a quick check that it runs)")
     cli.add_device_flag(p)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="of the project's step, as in train.py (auto: bf16 where the hardware "
-                        "has it natively); the conventional pipeline is always fp32")
+    cli.add_precision_flag(p, help="of the project's step, as in train.py (auto: bf16 where the "
+                                   "hardware has it natively); the conventional pipeline is always fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the project's step (as train.py --compile), in both "
                         "pipelines that use it")
