@@ -10,6 +10,10 @@ import sys
 
 import torch
 
+from checkpoint import CheckpointBusy, CheckpointError, OutputError, load_checkpoint
+from data import DEFAULT_DATA_DIR, DataError, mnist_mismatch
+from model import VAE
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -60,6 +64,8 @@ def number(kind, low, low_open=False, high=None):
 positive_int = number(int, 1)
 non_negative_int = number(int, 0)
 positive_float = number(float, 0.0, low_open=True)
+seed = number(int, 0, high=2**63 - 1)  # what torch.Generator.manual_seed takes
+MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
 
 
 def pick_device(name: str) -> torch.device:
@@ -121,6 +127,44 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
+def load_vae(path, map_location=None) -> tuple[VAE, dict]:
+    """(model in eval mode, checkpoint dict) from a checkpoint, checked to fit MNIST; every
+    problem is a CheckpointError naming the file."""
+    return load_vae_from(load_checkpoint(path, map_location), path)
+
+
+def load_vae_from(ckpt: dict, path) -> tuple[VAE, dict]:
+    """load_vae for a checkpoint dict already loaded from `path`."""
+    model = VAE.from_saved(ckpt, path)
+    c = model.config
+    why = mnist_mismatch(c.image_channels, c.image_size, c.num_classes)
+    if why:
+        raise CheckpointError(f"{path}: this model cannot be used on MNIST: {why}")
+    stored = ckpt.get("args", {})  # the flags other scripts read; train.py --resume checks them all
+    if not isinstance(stored.get("binarize", False), bool):
+        raise CheckpointError(f"{path}: bad checkpoint field args['binarize']: {stored['binarize']!r}")
+    limit = stored.get("limit")
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        raise CheckpointError(f"{path}: bad checkpoint field args['limit']: {limit!r}")
+    return model, ckpt
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes of memory available for new tensors on `device`, or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def ensure_folder(folder: str, what: str) -> None:
     """Create `folder` if needed; a one-line UserError if that fails or it is not writable."""
     try:
@@ -132,8 +176,6 @@ def ensure_folder(folder: str, what: str) -> None:
 
 
 def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
-    from data import DEFAULT_DATA_DIR
-
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                         help="folder holding MNIST/raw/ (default: dataset/ beside the scripts)")
 
@@ -153,12 +195,9 @@ def run(main, argv=None) -> int:
 
     Only the project's own error types are caught: anything else is a bug and keeps its traceback.
     """
-    from checkpoint import CheckpointBusy, CheckpointError
-    from data import DataError
-
     try:
         return main(argv)
-    except (UserError, DataError, CheckpointError, CheckpointBusy) as e:
+    except (UserError, DataError, CheckpointError, CheckpointBusy, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

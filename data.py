@@ -38,6 +38,18 @@ SHA256 = {
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
 }
 UBYTE = 0x08
+NUM_CLASSES = 10  # digits 0-9
+IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
+
+
+def mnist_mismatch(image_channels: int, image_size: int, num_classes: int) -> str | None:
+    """Why a model of this shape cannot be fed MNIST, or None if it can."""
+    if (image_channels, image_size, image_size) != IMAGE_SHAPE:
+        return (f"it is for {image_channels}-channel {image_size}x{image_size} images, "
+                f"MNIST's are {IMAGE_SHAPE[0]}-channel {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}")
+    if num_classes not in (0, NUM_CLASSES):
+        return f"it is conditioned on {num_classes} classes, MNIST has {NUM_CLASSES}"
+    return None
 BINARIZE_SEED = 0  # the binarized test set is the same for every run, checkpoint and script
 
 
@@ -152,10 +164,12 @@ def read_file(raw: str, name: str) -> bytearray | None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, plain)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C included: the 47 MB temp file never stays behind
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise DataError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise DataError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
+        raise
     return data
 
 
@@ -171,14 +185,30 @@ def _download(data_dir: str) -> None:
     torchvision.datasets.MNIST(data_dir, train=True, download=True)
 
 
+def _remove_new_empty_folders(folders: list[str]) -> None:
+    """Remove those of `folders` (deepest first) that are empty: what a failed download made."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or already gone
+            pass
+
+
 def _read_or_download(data_dir: str, names) -> list[bytearray]:
     raw = raw_dir(data_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: no such data folder; pass --data-dir pointing at a folder that "
+                        "holds MNIST/raw/ (the project ships one in dataset/)")
     found = [read_file(raw, name) for name in names]
     missing = [name for name, got in zip(names, found) if got is None]
     if missing:
+        new = [f for f in (raw, os.path.dirname(raw)) if not os.path.exists(f)]  # deepest first
         try:
             _download(data_dir)
-        except Exception as e:  # any failure of the fallback becomes the one-line message below
+        except BaseException as e:  # any failure of the fallback becomes the one-line message below
+            _remove_new_empty_folders(new)
+            if not isinstance(e, Exception):
+                raise
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(
                 f"{raw}: MNIST file(s) missing ({', '.join(m + '.gz' for m in missing)}) and the "

@@ -1,74 +1,78 @@
-"""Estimate the test-set negative log-likelihood of a checkpoint by importance sampling.
+"""Score a checkpoint: its test-set log-likelihood by importance sampling, or its samples.
 
     python evaluate.py --checkpoint checkpoints/vae.pt            # K = 1000
     python evaluate.py --checkpoint PATH --k 5000 --json nll.json  # the IWAE paper's protocol
+    python evaluate.py --checkpoint PATH --sample-quality         # Fréchet distance and more
 
 log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x)
 (Burda, Grosse & Salakhutdinov 2015, eq. 8). It is a lower bound on log p(x) that tightens as K
 grows (K = 1 is the ELBO) and converges to log p(x). Samples are drawn --chunk at a time, so
 memory stays bounded for any K. The test set is binarized exactly as in training when the
 checkpoint was trained with --binarize.
+
+--sample-quality scores 10,000 samples instead (sample_quality.py says what each figure means):
+fd, fd_prior, class_entropy, digit_accuracy, nn_samples, nn_test_recon, and the floors fd_floor
+and nn_test of the test images themselves.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
-import torch
-from tqdm import tqdm
-
 import cli
-from checkpoint import load_model, write_atomic
+from checkpoint import DEFAULT_CHECKPOINT, check_output_path, write_atomic
+from classifier import DEFAULT_WEIGHTS, load_classifier
 from data import TensorDataset, load_test_set
-from train import DEFAULT_CHECKPOINT, evaluate_elbo
+from likelihood import evaluate_elbo, importance_nll
+from model import VAE
+from sample_quality import score
 
 
 def build_parser():
-    p = cli.Parser(description="Importance-sampled test NLL of a trained VAE (Burda et al. 2015).")
+    p = cli.Parser(description="Importance-sampled test NLL of a trained VAE (Burda et al. 2015), "
+                               "or the quality of its samples (--sample-quality).")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     p.add_argument("--k", type=cli.number(int, 1, high=1_000_000), default=1000,
                    help="importance samples per image (5000 is the IWAE paper's protocol)")
     p.add_argument("--chunk", type=cli.positive_int, default=100,
                    help="samples decoded at once per image (bounds memory)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=100, help="test images at once")
+    p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=100, help="test images at once")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N test images")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seeds the samples")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the samples")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--sample-quality", action="store_true",
+                   help="score samples instead of the likelihood: Fréchet distance in the shipped "
+                        "classifier's features, class entropy, digit accuracy, nearest-neighbour distances")
+    p.add_argument("--samples", type=cli.number(int, 2, high=100_000), default=10_000,
+                   help="samples drawn by --sample-quality")
+    p.add_argument("--classifier", default=DEFAULT_WEIGHTS,
+                   help="classifier weights for --sample-quality (default: the shipped weights/mnist_classifier.pt)")
+    p.add_argument("--no-sha256-check", action="store_true",
+                   help="accept a --classifier other than the shipped one (scores are then not comparable)")
     cli.add_device_flag(p)
     cli.add_data_dir_flag(p)
     return p
 
 
-@torch.inference_mode()
-def importance_nll(model, data: TensorDataset, k: int, chunk: int, batch_size: int, seed: int,
-                   conditional: bool) -> float:
-    """Mean of -log p(x) over `data`, in nats per image."""
-    gen = torch.Generator(device=data.images.device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=data.images.device)
-    bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)
-    for x, y in data.batches(batch_size):
-        ll = model.log_likelihood(x, y if conditional else None, k=k, chunk=chunk, generator=gen)
-        total += ll.double().sum()
-        bar.update(len(x))
-    bar.close()
-    return -total.item() / len(data)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.keep_freed_memory()
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise cli.UserError(f"{args.json}: its folder does not exist or is not writable")
+    if args.json is not None:
+        check_output_path(args.json, "JSON results")  # before the work, not after it
     device = cli.pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, map_location=device)
+    model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     binarize = bool(ckpt.get("args", {}).get("binarize"))
     conditional = model.config.num_classes > 0
+    if args.sample_quality:
+        return sample_quality(args, model, ckpt, device)
+    need = decode_bytes(model) * args.chunk * args.batch_size
+    free = cli.free_memory(device)
+    if free is not None and need > free:
+        raise cli.UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
+                            f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
     test = load_test_set(args.data_dir, device, args.limit, binarize)
     print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}), {len(test):,} test images, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
@@ -86,10 +90,51 @@ def main(argv=None) -> int:
     print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}")
     print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} "
           f"(one posterior sample per image)")
-    if args.json:
-        write_atomic(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
-        print(f"wrote {args.json}")
+    return write_json(args.json, result)
+
+
+def write_json(path: str | None, result: dict) -> int:
+    """Write the results to --json, if given (its path was checked before the work)."""
+    if path is not None:
+        write_atomic(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(f"wrote {path}")
     return 0
+
+
+def decode_bytes(model: VAE) -> int:
+    """A generous estimate of the memory one decoded sample takes in log_likelihood (fp32): every
+    layer's activations, the logits, the target and the BCE terms, with a factor of 2 to spare."""
+    c = model.config
+    per = c.latent_dim * 4 + c.hidden_dim + 4 * c.num_pixels
+    if c.arch == "conv":
+        s = c.image_size // 4
+        per += 2 * (c.channels[1] * s * s + c.channels[0] * 4 * s * s)
+    return 2 * 4 * per
+
+
+def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
+    """--sample-quality: the scores of sample_quality.score, printed and written to --json."""
+    classifier = load_classifier(args.classifier, device, check_sha256=not args.no_sha256_check)
+    train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
+    test_set = load_test_set(args.data_dir, device, args.limit)
+    source = "a latent mixture" if model.latent_mixture is not None else "the prior (no latent mixture)"
+    print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}): {args.samples:,} samples from "
+          f"{source} against {len(test_set):,} test images")
+    t0 = time.perf_counter()
+    r = score(model, classifier, train_set, test_set, args.samples, args.seed)
+    r = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "mixture": model.latent_mixture is not None,
+         **r, "seconds": time.perf_counter() - t0}
+    print(f"fd {r['fd']:.2f}  (Fréchet distance to the test images; prior samples: fd_prior "
+          f"{r['fd_prior']:.2f}; test images against training images: {r['fd_floor']:.2f})")
+    print(f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} when every digit "
+          f"is equally common)")
+    if r["digit_accuracy"] is not None:
+        worst = min(range(len(r["digit_accuracy_per_digit"])), key=r["digit_accuracy_per_digit"].__getitem__)
+        print(f"digit_accuracy {r['digit_accuracy']:.4f}  (samples classified as the digit asked for; lowest: "
+              f"digit {worst}, {r['digit_accuracy_per_digit'][worst]:.4f})")
+    print(f"nn_samples {r['nn_samples']:.3f}  nn_test_recon {r['nn_test_recon']:.3f}  (median L2 distance "
+          f"to the nearest training image; test images: {r['nn_test']:.3f})")
+    return write_json(args.json, r)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python generate.py --digit 7               # a conditional checkpoint: a grid of 7s
 
 Always: reconstructions.png (rows of test digits, each above its reconstruction), samples.png
-(--n draws from the prior), interpolation.png (rows from one test digit to another, linear in
+(--n draws from the checkpoint's latent mixture, or the prior if it has none), samples_prior.png
+(--n draws from the N(0, I) prior), interpolation.png (rows from one test digit to another, linear in
 the posterior means), traversal.png (one row per latent dimension, the most active by KL first,
 swept over [-3, 3]). With a 2-D latent also manifold.png: decoder means over a grid of z taken
 through the Gaussian inverse CDF (Kingma & Welling 2014, Fig. 4). The model is rebuilt from the
@@ -21,10 +22,9 @@ import torch
 from torchvision.utils import save_image
 
 import cli
-from checkpoint import load_model
-from data import load_test_set
+from checkpoint import DEFAULT_CHECKPOINT
+from data import NUM_CLASSES, load_test_set
 from model import gaussian_kl
-from train import DEFAULT_CHECKPOINT
 
 ROW = 8  # images per row in the reconstruction and sample grids
 INTERP_STEPS = 10
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="generated_images", help="folder for the PNG files")
     p.add_argument("--n", type=cli.number(int, 1, high=10000), default=64,
                    help="number of samples (per digit for a conditional model)")
-    p.add_argument("--digit", type=cli.number(int, 0, high=9), default=None,
+    p.add_argument("--digit", type=cli.number(int, 0, high=NUM_CLASSES - 1), default=None,
                    help="conditional checkpoints: sample only this digit")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="same seed, same images")
+    p.add_argument("--seed", type=cli.seed, default=0, help="same seed, same images")
     cli.add_device_flag(p)
     cli.add_data_dir_flag(p)
     return p
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         raise cli.UserError(f"{args.checkpoint}: no checkpoint; run `python train.py` first "
                             "(or pass --checkpoint)")
     device = cli.pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, map_location=device)
+    model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     cond = model.config.num_classes > 0
     if args.digit is not None and not cond:
         raise cli.UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint "
@@ -79,14 +79,17 @@ def main(argv=None) -> int:
         pairs = torch.stack([x.view(4, ROW, *x.shape[1:]), rec.view(4, ROW, *x.shape[1:])], dim=1)
         save("reconstructions.png", pairs.reshape(-1, *x.shape[1:]), ROW)
 
-        # Samples from the prior: one grid, or one row per digit for a conditional model.
-        if cond and args.digit is None:
-            labels = torch.arange(10, device=device).repeat_interleave(args.n)
-            save("samples.png", model.sample(10 * args.n, labels, generator=gen), args.n)
-        else:
-            labels = None if args.digit is None else torch.full((args.n,), args.digit, device=device)
-            name = "samples.png" if args.digit is None else f"samples_digit{args.digit}.png"
-            save(name, model.sample(args.n, labels, generator=gen), min(ROW, args.n))
+        # Samples: from the latent mixture if the checkpoint has one (else the prior), and from the
+        # N(0, I) prior; one grid, or one row per digit for a conditional model.
+        for prior, stem in ((False, "samples"), (True, "samples_prior")):
+            if cond and args.digit is None:
+                k = model.config.num_classes
+                labels = torch.arange(k, device=device).repeat_interleave(args.n)
+                save(f"{stem}.png", model.sample(k * args.n, labels, generator=gen, prior=prior), args.n)
+            else:
+                labels = None if args.digit is None else torch.full((args.n,), args.digit, device=device)
+                name = f"{stem}.png" if args.digit is None else f"{stem}_digit{args.digit}.png"
+                save(name, model.sample(args.n, labels, generator=gen, prior=prior), min(ROW, args.n))
 
         # Interpolations between the posterior means of pairs of test digits.
         mu, logvar = model.encode(x, y)

@@ -1,6 +1,8 @@
 """A variational autoencoder for 28x28 grey-level images (MNIST).
 
-One module, no I/O besides `from_checkpoint`, no argparse. Every size lives in `VAEConfig`.
+One module, no argparse and no file I/O (`from_checkpoint` hands reading to checkpoint.py).
+Every size lives in `VAEConfig`. `python model.py` runs the default model on a random batch and
+prints the shapes.
 
 References
 - Kingma & Welling (2014), "Auto-Encoding Variational Bayes", arXiv:1312.6114.
@@ -8,6 +10,8 @@ References
   Gaussian KL (App. B).
 - Burda, Grosse & Salakhutdinov (2015), "Importance Weighted Autoencoders",
   arXiv:1509.00519, for the importance-sampled log-likelihood in `log_likelihood`.
+- Ghosh et al. (2020), "From Variational to Deterministic Autoencoders", sec. 4: sampling z from
+  a mixture fitted to the posterior means ("ex-post density estimation", mixture.py).
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mixture
+from checkpoint import CheckpointError, first_line, load_checkpoint
+
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU}
+# Upper bounds on the sizes, far above any useful MNIST model: a config from a flag or a
+# checkpoint that asks for more is refused before torch tries to allocate it.
+MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
+            "num_classes": 1000, "channels": 4096}
 
 
 @dataclass
@@ -36,21 +47,28 @@ class VAEConfig:
     activation: str = "silu"  # "silu", "relu" or "elu"; SiLU trained best here
 
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.channels, (list, tuple)) or not all(is_int(c) for c in self.channels):
+            raise ValueError(f"channels must be a list of ints, got {self.channels!r}")
+        self.channels = tuple(self.channels)
+        for name in ("arch", "activation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.arch not in ("conv", "mlp"):
             raise ValueError(f"arch must be 'conv' or 'mlp', got {self.arch!r}")
-        for name in ("image_channels", "image_size", "latent_dim", "hidden_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes"):
+            v, low = getattr(self, name), 0 if name == "num_classes" else 1
+            if not is_int(v) or not low <= v <= MAX_SIZE[name]:
+                raise ValueError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.arch == "conv":
             if self.image_size % 4:
                 raise ValueError(f"the conv arch needs image_size % 4 == 0, got {self.image_size}")
-            if len(self.channels) != 2 or min(self.channels) < 1:
-                raise ValueError(f"channels must be two positive ints, got {self.channels}")
+            if len(self.channels) != 2 or not all(1 <= c <= MAX_SIZE["channels"] for c in self.channels):
+                raise ValueError(f"channels must be two ints in [1, {MAX_SIZE['channels']}], got {list(self.channels)}")
 
     @property
     def num_pixels(self) -> int:
@@ -63,6 +81,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise ValueError("model config must be a dict with string keys")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -137,6 +157,13 @@ class VAE(nn.Module):
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _as_labels(self, labels) -> torch.Tensor:
+        """Labels (an int, a list or a tensor of ints) as a 1-d long tensor on the model's device."""
+        labels = torch.as_tensor(labels, device=self.device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class numbers, got dtype {labels.dtype}")
+        return labels.long().reshape(-1)
+
     def _with_labels(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         k = self.config.num_classes
         if k == 0:
@@ -145,7 +172,7 @@ class VAE(nn.Module):
             return h
         if labels is None:
             raise ValueError("this VAE is conditional: pass labels (digit classes)")
-        labels = torch.as_tensor(labels, device=h.device).long().reshape(-1)
+        labels = self._as_labels(labels)
         if labels.shape[0] != h.shape[0]:
             raise ValueError(f"got {labels.shape[0]} labels for a batch of {h.shape[0]}")
         # Checked on the CPU only: on a GPU the comparison would stall the step on a host sync.
@@ -159,10 +186,32 @@ class VAE(nn.Module):
 
     # -- the model --------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None):
-        """x: [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
+        """x: [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim].
+
+        Pixels outside [0, 1] (0-255 grey levels, say) are refused with a ValueError on the CPU;
+        on a GPU the check would stall every step on a host sync, so there it is the caller's.
+        """
+        c = self.config
+        if tuple(x.shape[1:]) != (c.image_channels, c.image_size, c.image_size):
+            raise ValueError(f"x must be [B, {c.image_channels}, {c.image_size}, {c.image_size}], "
+                             f"got {list(x.shape)}")
+        if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(x)
+            if not (low >= 0 and high <= 1):  # also catches NaN
+                raise ValueError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
+                                 f"{high.item():g}] (divide 0-255 grey levels by 255)")
         h = self.enc_head(self._with_labels(self.enc_body(x), labels))
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar
+
+    def draw_eps(self, n: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The N(0, I) noise of `reparameterize` for n images, [n, latent_dim], drawn as it draws it.
+
+        Training draws it outside the loss so that a compiled loss is one graph. Under bf16 autocast
+        mu is bf16, and so is the model's own draw: pass dtype=torch.bfloat16 to match it.
+        """
+        return torch.randn(n, self.config.latent_dim, generator=generator, device=self.device, dtype=dtype)
 
     @staticmethod
     def reparameterize(mu, logvar, generator: torch.Generator | None = None,
@@ -208,15 +257,59 @@ class VAE(nn.Module):
         op = torch.mean if reduction == "mean" else torch.sum
         return LossParts(*(op(t) for t in parts))
 
+    # -- the latent mixture (mixture.py) -----------------------------------------------------
+    def set_latent_mixture(self, fitted: dict | None) -> None:
+        """Sample z from this Gaussian mixture instead of N(0, I) (None: back to the prior).
+
+        fitted: {"weights" [G, K], "means" [G, K, d], "scale_tril" [G, K, d, d]}, G = 1, or one
+        mixture per class for a conditional model (mixture.fit_to_model makes it). Kept as
+        non-persistent buffers: they follow .to(device) but stay out of state_dict, so every
+        checkpoint's weights load the same way; the checkpoint stores the mixture on its own.
+        """
+        names = ("weights", "means", "scale_tril")
+        if fitted is None:
+            for name in names:
+                self._buffers.pop("mixture_" + name, None)
+            return
+        mixture.check(fitted, self.config.latent_dim, max(1, self.config.num_classes))
+        for name in names:
+            self.register_buffer("mixture_" + name, fitted[name].float().to(self.device), persistent=False)
+
+    @property
+    def latent_mixture(self) -> dict | None:
+        """The fitted mixture as plain tensors (what a checkpoint stores), or None."""
+        if getattr(self, "mixture_weights", None) is None:
+            return None
+        return {name: getattr(self, "mixture_" + name).cpu() for name in ("weights", "means", "scale_tril")}
+
     # -- convenience for notebooks and scripts -----------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, labels=None, generator: torch.Generator | None = None):
-        """n images from the prior, as Bernoulli means in [0, 1]: [n, C, H, W]."""
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device=self.device)
+    def sample(self, n: int, labels=None, generator: torch.Generator | None = None,
+               prior: bool = False) -> torch.Tensor:
+        """n images as Bernoulli means in [0, 1]: [n, C, H, W].
+
+        z comes from the fitted latent mixture when the model has one (for a conditional model,
+        the mixture of each image's label), else, or with prior=True, from N(0, I).
+        labels: one label for all n, or n of them (conditional models only).
+        """
+        c = self.config
         if labels is not None:
-            labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+            labels = self._as_labels(labels)
             if labels.numel() == 1:
                 labels = labels.expand(n)
+        if prior or getattr(self, "mixture_weights", None) is None:
+            z = torch.randn(n, c.latent_dim, generator=generator, device=self.device)
+        elif c.num_classes == 0:
+            z = mixture.sample(self.mixture_weights[0], self.mixture_means[0], self.mixture_scale_tril[0],
+                               n, generator)
+        else:
+            self._with_labels(torch.empty(n, 0, device=self.device), labels)  # checks the labels
+            z = torch.empty(n, c.latent_dim, device=self.device)
+            for g in range(c.num_classes):  # each class from its own mixture, in a fixed order
+                idx = (labels == g).nonzero().squeeze(1)
+                if len(idx):
+                    z[idx] = mixture.sample(self.mixture_weights[g], self.mixture_means[g],
+                                            self.mixture_scale_tril[g], len(idx), generator)
         return torch.sigmoid(self.decode(z, labels))
 
     @torch.no_grad()
@@ -233,8 +326,11 @@ class VAE(nn.Module):
         log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
         Samples are drawn `chunk` at a time so memory stays bounded whatever K is.
         """
-        if k < 1 or chunk < 1:
-            raise ValueError("k and chunk must be >= 1")
+        for name, v in (("k", k), ("chunk", chunk)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if labels is not None:
+            labels = self._as_labels(labels)
         mu, logvar = self.encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         std = torch.exp(0.5 * logvar)
@@ -261,11 +357,50 @@ class VAE(nn.Module):
     def from_checkpoint(cls, path, map_location=None) -> "VAE":
         """Rebuild the model from a checkpoint written by train.py (config + weights), in eval mode.
 
-        The file I/O lives in checkpoint.py (loaded with weights_only=True, so a crafted pickle
-        cannot run code); anything unusable raises checkpoint.CheckpointError, a ValueError whose
-        one-line message names the file.
+        The file is read by checkpoint.load_checkpoint (weights_only=True, so a crafted pickle
+        cannot run code); anything unusable raises CheckpointError, a ValueError whose one-line
+        message names the file.
         """
-        from checkpoint import load_model  # deferred: checkpoint.py imports this module
+        return cls.from_saved(load_checkpoint(path, map_location), path)
 
-        return load_model(path, map_location)[0]
+    @classmethod
+    def from_saved(cls, ckpt: dict, source: str = "checkpoint") -> "VAE":
+        """The model (eval mode, on the device of the stored weights) from a loaded checkpoint dict:
+        its `model_config` and `model` (state dict). Errors name `source`."""
+        try:
+            model = cls(VAEConfig.from_dict(ckpt["model_config"]))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: bad model config ({first_line(e)})") from None
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{source}: weights do not fit the stored model config ({first_line(e)})") from None
+        weights = next(iter(ckpt["model"].values()), None)
+        if isinstance(weights, torch.Tensor):
+            model.to(weights.device)
+        if ckpt.get("latent_mixture") is not None:
+            try:
+                model.set_latent_mixture(ckpt["latent_mixture"])
+            except ValueError as e:
+                raise CheckpointError(f"{source}: {first_line(e)}") from None
+        return model.eval()
 
+
+if __name__ == "__main__":
+    # A forward pass of the default model on a random batch, to see the shapes.
+    torch.manual_seed(0)
+    vae = VAE()
+    c = vae.config
+    x = torch.rand(8, c.image_channels, c.image_size, c.image_size)  # stands in for [0, 1] images
+    mu, logvar = vae.encode(x)
+    z = vae.reparameterize(mu, logvar)
+    logits = vae.decode(z)
+    parts = vae.loss(x)
+    print(f"x       {tuple(x.shape)}")
+    print(f"mu      {tuple(mu.shape)}")
+    print(f"logvar  {tuple(logvar.shape)}")
+    print(f"z       {tuple(z.shape)}")
+    print(f"logits  {tuple(logits.shape)}")
+    print(f"loss    {parts.total.item():.2f} nats/image (recon {parts.recon.item():.2f} + KL {parts.kl.item():.2f}), "
+          "untrained, random input")
+    print(f"parameters: {sum(p.numel() for p in vae.parameters()):,}")

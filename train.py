@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
-import torch.optim.optimizer as optim_base
 from tqdm import tqdm
 
 import cli
-from checkpoint import FORMAT, CheckpointLock, load_model, save_atomic, write_atomic
-from data import TensorDataset, load_test_set, to_unit
-from model import VAE, VAEConfig
+import mixture
+from checkpoint import (DEFAULT_CHECKPOINT, FORMAT, MAX_EPOCHS, CheckpointError, CheckpointLock, check_output_path,
+                        first_line, load_checkpoint,
+                        remove_stale_temp_files, save_atomic, seal, write_atomic)
+from data import NUM_CLASSES, TensorDataset, load_test_set
+from likelihood import evaluate_elbo
+from model import MAX_SIZE, VAE, VAEConfig
+from training import (check_adam_state, compile_objective, epoch_permutation, kl_weight, learning_rate,
+                      make_optimizer, objective, train_step)
 
-DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 LOG_EVERY = 50  # steps between host syncs (progress bar update and non-finite check)
 # Flags that define a run: on --resume they are taken from the checkpoint, not the command line.
 RUN_FLAGS = ("batch_size", "lr", "lr_decay", "seed", "limit", "binarize", "conditional", "beta",
@@ -45,21 +49,22 @@ class TrainingError(cli.UserError):
 def build_parser() -> argparse.ArgumentParser:
     d = VAEConfig()
     p = cli.Parser(description="Train a VAE on MNIST.")
-    p.add_argument("--epochs", type=cli.positive_int, default=20, help="total epochs to train")
-    p.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step")
+    p.add_argument("--epochs", type=cli.number(int, 1, high=MAX_EPOCHS), default=20, help="total epochs to train")
+    p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=128, help="images per step")
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--latent-dim", type=cli.positive_int, default=d.latent_dim, help="size of z")
+    p.add_argument("--latent-dim", type=cli.number(int, 1, high=MAX_SIZE["latent_dim"]), default=d.latent_dim,
+                   help="size of z")
     p.add_argument("--arch", choices=("conv", "mlp"), default=d.arch,
                    help="conv: small conv encoder/decoder; mlp: the pytorch/examples shape")
-    p.add_argument("--hidden-dim", type=cli.positive_int, default=d.hidden_dim,
+    p.add_argument("--hidden-dim", type=cli.number(int, 1, high=MAX_SIZE["hidden_dim"]), default=d.hidden_dim,
                    help="width of the fully connected hidden layer")
-    p.add_argument("--channels", type=cli.positive_int, nargs=2, default=list(d.channels),
+    p.add_argument("--channels", type=cli.number(int, 1, high=MAX_SIZE["channels"]), nargs=2, default=list(d.channels),
                    metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")
     p.add_argument("--activation", choices=("silu", "relu", "elu"), default=d.activation,
                    help="nonlinearity between layers")
     p.add_argument("--lr-decay", type=cli.number(float, 0.0, low_open=True, high=1.0), default=0.9,
                    help="multiply the learning rate by this every epoch (smoothly, per step)")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="seeds init, shuffling and noise")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds init, shuffling and noise")
     cli.add_device_flag(p)
     cli.add_data_dir_flag(p)
     p.add_argument("--limit", type=cli.positive_int, default=None,
@@ -68,18 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run stored in --checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even if --checkpoint exists (its run is lost)")
-    p.add_argument("--eval-batch-size", type=cli.positive_int, default=256,
+    p.add_argument("--eval-batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=256,
                    help="images per step when evaluating the test set")
     p.add_argument("--binarize", action="store_true",
                    help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")
     p.add_argument("--conditional", action="store_true",
                    help="conditional VAE: the digit label enters encoder and decoder")
     p.add_argument("--beta", type=cli.positive_float, default=1.0, help="weight of the KL term (beta-VAE)")
-    p.add_argument("--kl-warmup", type=cli.non_negative_int, default=0,
+    p.add_argument("--kl-warmup", type=cli.number(int, 0, high=MAX_EPOCHS), default=0,
                    help="epochs over which the KL weight ramps linearly from 0 to beta")
     cli.add_precision_flag(p, help="arithmetic of training and its per-epoch test loss; auto = bf16 "
                                    "autocast where the CPU or GPU has native bf16, else fp32 "
                                    "(evaluate.py is always fp32)")
+    p.add_argument("--mixture-components", type=cli.number(int, 0, high=mixture.MAX_COMPONENTS), default=None,
+                   help="when training ends, fit a Gaussian mixture with this many components to the "
+                        "training images' posterior means (per digit for --conditional), which "
+                        f"samples then come from; 0: none (default: {mixture.DEFAULT_COMPONENTS}, "
+                        f"{mixture.DEFAULT_COMPONENTS_PER_CLASS} per digit with --conditional)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's forward and loss (about 30 s of start-up on a "
                         "2-core CPU; evaluation stays eager)")
@@ -104,127 +114,6 @@ class StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffling order of one epoch, a pure function of (seed, epoch): resumes replay it."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    return torch.randperm(n, generator=g)
-
-
-def make_optimizer(model: VAE, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam; the fused kernel where the device has one (1.4x the MLP's steps per second on CPU)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
-
-
-def kl_weight(beta: float, warmup: int, progress: float) -> float:
-    """Linear KL warm-up from 0 to beta over `warmup` epochs; `progress` counts epochs done."""
-    return beta if warmup == 0 else beta * min(1.0, progress / warmup)
-
-
-def draw_eps(model: VAE, n: int, generator: torch.Generator, bf16: bool) -> torch.Tensor:
-    """The reparameterisation noise for n images, drawn outside the model so that a compiled loss
-    is one graph (torch.compile cannot trace a Generator; each break costs a graph call per step).
-    Same draw as the model's own: under bf16 autocast its mu is bf16, so eps is too."""
-    return torch.randn(n, model.config.latent_dim, generator=generator, device=model.device,
-                       dtype=torch.bfloat16 if bf16 else torch.float32)
-
-
-def objective(model: VAE, x, labels, beta: float, eps, bf16: bool):
-    """The loss a step minimises (the mean over the batch of recon + beta * KL) and, for the log,
-    [sum of recon, sum of KL] over the batch, detached. x: float images in [0, 1], or the stored
-    uint8 ones (converted here, so that a compiled step fuses the conversion).
-
-    bf16: the forward pass runs under bf16 autocast (matmuls and convolutions in bf16, the loss
-    in fp32; backward follows the forward's dtypes). Weights and optimiser stay fp32.
-    One function, so that `compile_objective` makes forward, loss and sums one graph.
-    """
-    x = to_unit(x)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        parts = model.loss(x, labels, beta=beta, reduction="none", eps=eps)
-    return parts.total.mean(), torch.stack([parts.recon.detach().sum(), parts.kl.detach().sum()])
-
-
-def compile_objective():
-    """`objective` under torch.compile, so the elementwise work (reparameterisation, BCE, KL, bf16
-    casts, the batch sums) is fused. The first batches of each shape pay a compile (~30 s on a
-    2-core CPU). Evaluation stays eager."""
-    return torch.compile(objective)
-
-
-def adam_step(opt: torch.optim.Adam) -> None:
-    """opt.step(), calling the fused Adam kernel directly when opt is a plain fused Adam.
-
-    Around the kernel, torch.optim's step() runs ~50 us of Python per call (grouping tensors by
-    device, hooks, checks): 5% to 9% of the compiled MLP step on the 2-core CPU. This makes the
-    kernel call that step() makes (torch.optim.adam._fused_adam: the step counts, then
-    _fused_adam_) with the same state tensors, so the results and the checkpoints are the same
-    bit for bit (a test compares them). Anything else (state not created yet, several groups,
-    amsgrad, weight decay, hooks, ...) goes through opt.step().
-    """
-    group = opt.param_groups[0]
-    if (len(opt.param_groups) > 1 or not group.get("fused") or group["amsgrad"] or group["maximize"]
-            or group["weight_decay"] or group.get("capturable") or group.get("differentiable")
-            or group.get("decoupled_weight_decay")
-            or any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"]))
-            or getattr(opt, "_optimizer_step_pre_hooks", True)
-            or getattr(opt, "_optimizer_step_post_hooks", True)
-            or getattr(optim_base, "_global_optimizer_pre_hooks", True)
-            or getattr(optim_base, "_global_optimizer_post_hooks", True)):
-        opt.step()
-        return
-    params = group["params"]
-    states = [opt.state.get(p) for p in params]
-    if any(not s or p.grad is None for p, s in zip(params, states)):
-        opt.step()  # creates the state on the first step
-        return
-    steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, 1)
-    beta1, beta2 = group["betas"]
-    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
-                       beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
-                       maximize=False, grad_scale=None, found_inf=None)
-
-
-def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
-               binarize: bool = False, bf16: bool = False, objective_fn=objective) -> torch.Tensor:
-    """One Adam step on a batch; returns [sum of recon, sum of KL] as a device tensor (no sync).
-
-    x: as for `objective` (train.py passes the stored uint8 images); bf16: see `objective`;
-    objective_fn: `objective` itself or `compile_objective()`.
-    """
-    if binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
-        x = torch.bernoulli(to_unit(x), generator=noise)
-    loss, stats = objective_fn(model, x, labels, beta, draw_eps(model, len(x), noise, bf16), bf16)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    adam_step(opt)
-    return stats
-
-
-@torch.inference_mode()
-def evaluate_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int,
-                  conditional: bool, bf16: bool = False) -> dict:
-    """Test negative ELBO (beta = 1), one posterior sample per image from a seeded generator.
-
-    bf16: under bf16 autocast, as training runs. On the trained default model this moved the test
-    loss by 0.001 nats and took about 6% of an epoch instead of 9% in fp32 (README, Speed);
-    evaluate.py always uses fp32.
-    """
-    was_training = model.training
-    model.eval()
-    device = data.images.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(2, device=device)
-    for x, y in data.batches(batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            p = model.loss(x, y if conditional else None, reduction="sum",
-                           eps=draw_eps(model, len(x), gen, bf16))
-        sums += torch.stack([p.recon, p.kl])
-    model.train(was_training)
-    recon, kl = (sums / len(data)).tolist()
-    return {"loss": recon + kl, "recon": recon, "kl": kl}
 
 
 def metrics_path(checkpoint: str) -> str:
@@ -253,158 +142,286 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, epoch: int, where: 
 
 
 def prepare_output(path: str) -> None:
-    """Create the checkpoint's folder now, so a bad path fails before any training."""
+    """Check the checkpoint's and the metrics CSV's paths, creating the folder, so that a bad path
+    fails before any training."""
+    if not path:
+        raise cli.UserError("--checkpoint: empty path")
     cli.ensure_folder(os.path.dirname(os.path.abspath(path)), "checkpoint folder")
-    if os.path.isdir(path):
-        raise cli.UserError(f"{path}: is a folder, expected a checkpoint file path")
-
-
-def remove_stale_temp_files(checkpoint: str) -> None:
-    """Temp files of a save that was killed before its rename. Only called under the lock, so no
-    live process is writing them."""
-    for tmp in glob.glob(glob.escape(checkpoint) + ".*.tmp"):
-        os.unlink(tmp)
+    check_output_path(path, "checkpoint")
+    check_output_path(metrics_path(path), "metrics CSV")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.keep_freed_memory()
+    if args.resume:  # a bad checkpoint is refused before anything is written, the lock file included
+        check_resumable(load_checkpoint(args.checkpoint, map_location="cpu"), args.checkpoint, parser)
     prepare_output(args.checkpoint)
     with CheckpointLock(args.checkpoint):
-        remove_stale_temp_files(args.checkpoint)
-        return train(args, parser)
+        remove_stale_temp_files(args.checkpoint)  # only its own, of processes no longer alive
+        run = start_or_resume(args, parser)
+        return 0 if run is None else train(run)
 
 
-def train(args, parser) -> int:
+@dataclass
+class Run:
+    """What a training carries from step to step: set up by `start_or_resume`, saved whole by
+    `snapshot` (every key of the checkpoint), advanced by `train_epoch` and `end_epoch`."""
+
+    args: argparse.Namespace
+    config: VAEConfig
+    model: VAE
+    opt: torch.optim.Adam
+    noise: torch.Generator  # reparameterisation noise and dynamic binarization
+    bf16: bool
+    objective_fn: object  # training.objective, or its compiled version
+    train_set: TensorDataset
+    test_set: TensorDataset
+    metrics: list = field(default_factory=list)  # one dict per completed epoch
+    start_epoch: int = 0
+    start_step: int = 0  # > 0: resumed mid-epoch, `partial` holds that epoch's per-step sums
+    partial: torch.Tensor | None = None
+    partial_seconds: float = 0.0
+    saved: str = "no checkpoint was written"  # what a failure leaves on disk, for its message
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(len(self.train_set) / self.args.batch_size)
+
+
+def start_or_resume(args, parser) -> Run | None:
+    """A new run from the flags, or the run stored in --checkpoint (--resume) with its own flags.
+    None if a resumed run has nothing left to do."""
     ckpt = model = None
     if args.resume:
-        model, ckpt = load_model(args.checkpoint, map_location="cpu")
-        stored = ckpt.get("args", {})
-        for k in RUN_FLAGS + MODEL_FLAGS:  # the run continues as it started
-            if k not in stored:
-                continue
-            given = getattr(args, k)
-            if given != parser.get_default(k) and given != stored[k]:
-                flag = "--" + k.replace("_", "-")
-                print(f"note: {flag} {given} ignored: --resume continues the stored run ({stored[k]})")
-            setattr(args, k, stored[k])
-        config = ckpt["config"]
-        done = ckpt["epoch"]
-        if done >= args.epochs:
-            print(f"{args.checkpoint} already has {done} epochs; pass --epochs above {done} to train on")
-            return 0
+        ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+        check_resumable(ckpt, args.checkpoint, parser)
+        model, _ = cli.load_vae_from(ckpt, args.checkpoint)
+        model.set_latent_mixture(None)  # fitted to the old weights: fitted again when training ends
+        restore_run_flags(args, parser, ckpt.get("args", {}))
+        config = model.config
+        if ckpt["epoch"] >= args.epochs:
+            print(f"{args.checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above "
+                  f"{ckpt['epoch']} to train on")
+            return None
     elif os.path.exists(args.checkpoint) and not args.overwrite:
         raise cli.UserError(f"{args.checkpoint} exists: pass --resume to continue it, --overwrite to "
                             "start again, or --checkpoint for a new file")
     else:
         config = VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                            channels=tuple(args.channels), activation=args.activation,
-                           num_classes=10 if args.conditional else 0)
+                           num_classes=NUM_CLASSES if args.conditional else 0)
 
     device = cli.pick_device(args.device)
     bf16 = cli.pick_precision(args.precision, device)
     print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
           + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights
     model = (model or VAE(config)).to(device).train()
-    opt = make_optimizer(model, args.lr, device)
-    noise = torch.Generator(device=device).manual_seed(args.seed)  # reparameterisation, binarization
-    metrics, start_epoch, start_step, partial, partial_seconds = [], 0, 0, None, 0.0
+    run = Run(args, config, model, make_optimizer(model, args.lr, device),
+              torch.Generator(device=device).manual_seed(args.seed), bf16,
+              compile_objective() if args.compile else objective,
+              TensorDataset.load("train", args.data_dir, device, args.limit),
+              load_test_set(args.data_dir, device, args.limit, args.binarize))
     if ckpt is not None:
-        try:
-            opt.load_state_dict(ckpt["optimizer"])
-            rng = ckpt["rng"]
-            torch.set_rng_state(rng["torch"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise cli.UserError(f"{args.checkpoint}: cannot resume from it (optimizer or RNG state: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-        try:
-            noise.set_state(rng["noise"])
-        except (RuntimeError, TypeError):
-            print("note: the checkpoint was written on another kind of device; noise RNG reseeded")
-        metrics, start_epoch = list(ckpt["metrics"]), ckpt["epoch"]
-        start_step, partial = ckpt.get("step", 0), ckpt.get("partial")
-        partial_seconds = ckpt.get("partial_seconds", 0.0)
-        where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"epoch {start_epoch}"
-        print(f"resuming {args.checkpoint} after {where}")
-    objective_fn = compile_objective() if args.compile else objective
-
-    train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
-    test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
-    n, bs = len(train_set), args.batch_size
-    steps = math.ceil(n / bs)
-    ckpt_where = (f"the last good checkpoint {args.checkpoint} is untouched"
-                  if (ckpt or start_epoch) else "no checkpoint was written")
+        restore_state(run, ckpt)
+    n = len(run.train_set)
     print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {n:,} images, "
-          f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))
+          f"{args.epochs} epochs of {run.steps} steps" + (", dynamically binarized" if args.binarize else ""))
     if args.beta != 1.0 or args.kl_warmup:
         print(f"note: the objective weighs the KL by {args.beta:g}"
               + (f", ramped from 0 over {args.kl_warmup} epochs" if args.kl_warmup else "")
               + "; every loss reported is the true negative ELBO (weight 1)")
+    return run
 
-    def snapshot(epoch: int, step: int, stats=None, seconds=0.0) -> dict:
-        return {
-            "format": FORMAT, "model_config": config.to_dict(), "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-            "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
-            "rng": {"torch": torch.get_rng_state(), "noise": noise.get_state()},
-            "metrics": metrics, "args": vars(args),
-        }
 
-    run_start = time.perf_counter()
+def check_resumable(ckpt: dict, path: str, parser: argparse.ArgumentParser) -> None:
+    """What --resume reads beyond the model (checked by VAE.from_saved and load_checkpoint): the
+    stored flags, each through the same checks as on the command line, and the optimiser state."""
+    model, _ = cli.load_vae_from(ckpt, path)
+    stored = ckpt.get("args")
+    if not stored or ckpt.get("optimizer") is None or ckpt.get("rng") is None:
+        raise CheckpointError(f"{path}: cannot resume: no stored flags, optimizer state or RNG state")
+    strict = build_parser()
+
+    def refuse(message):
+        raise ValueError(message)
+
+    strict.error = refuse  # an ArgumentParser reports through error(); here it must raise, not exit
+    for k in RUN_FLAGS + MODEL_FLAGS:
+        if k not in stored or stored[k] is None:
+            continue
+        v, flag = stored[k], "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv = [flag] if v else []
+        elif isinstance(v, (list, tuple)):
+            argv = [flag, *map(str, v)]
+        else:
+            argv = [flag, str(v)]
+        try:
+            parsed = getattr(strict.parse_args(argv), k)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: bad checkpoint field args[{k!r}]: {v!r} ({first_line(e)})") from None
+        if parsed != v or type(parsed) is not type(v) and not isinstance(v, (list, tuple)):
+            raise CheckpointError(f"{path}: bad checkpoint field args[{k!r}]: {v!r} is not a valid {flag}")
+    if bool(stored.get("conditional")) != (model.config.num_classes > 0):
+        raise CheckpointError(f"{path}: bad checkpoint field args['conditional']: disagrees with the model")
+    try:
+        torch.Generator().set_state(ckpt["rng"]["torch"])  # the state torch.set_rng_state will take
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad checkpoint field rng['torch']: not a CPU generator state "
+                              f"({first_line(e)})") from None
+    try:
+        check_adam_state(ckpt["optimizer"], list(model.parameters()), "optimizer")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad checkpoint field {first_line(e)}") from None
+
+
+def restore_run_flags(args, parser, stored: dict) -> None:
+    """--resume continues the run as it started: its flags replace the command line's."""
+    for k in RUN_FLAGS + MODEL_FLAGS:
+        if k not in stored:
+            continue
+        given = getattr(args, k)
+        if given != parser.get_default(k) and given != stored[k]:
+            flag = "--" + k.replace("_", "-")
+            print(f"note: {flag} {given} ignored: --resume continues the stored run ({stored[k]})")
+        setattr(args, k, stored[k])
+
+
+def restore_state(run: Run, ckpt: dict) -> None:
+    """Optimiser, RNG states, metrics and position of a stored run."""
+    path = run.args.checkpoint
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise cli.UserError(f"{path}: cannot resume from it (optimizer or RNG state: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    try:
+        run.noise.set_state(rng["noise"])
+    except (RuntimeError, TypeError):
+        print("note: the checkpoint was written on another kind of device; noise RNG reseeded")
+    run.metrics, run.start_epoch = list(ckpt["metrics"]), ckpt["epoch"]
+    run.start_step, run.partial = ckpt.get("step", 0), ckpt.get("partial")
+    if run.start_step >= run.steps:
+        raise CheckpointError(f"{path}: bad checkpoint field step: {run.start_step}, but an epoch has "
+                              f"{run.steps} steps")
+    run.partial_seconds = ckpt.get("partial_seconds", 0.0)
+    run.saved = f"the last good checkpoint {path} is untouched"
+    where = (f"epoch {run.start_epoch + 1}, step {run.start_step}" if run.start_step
+             else f"epoch {run.start_epoch}")
+    print(f"resuming {path} after {where}")
+
+
+def snapshot(run: Run, epoch: int, step: int = 0, stats=None, seconds: float = 0.0) -> dict:
+    """The checkpoint: after `epoch` complete epochs and `step` steps of the next one."""
+    return seal({
+        "format": FORMAT, "model_config": run.config.to_dict(), "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(), "epoch": epoch, "step": step,
+        "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
+        "rng": {"torch": torch.get_rng_state(), "noise": run.noise.get_state()},
+        "metrics": run.metrics, "args": vars(run.args), "latent_mixture": run.model.latent_mixture,
+    })
+
+
+def train(run: Run) -> int:
+    """The epoch loop. Ctrl-C or SIGTERM: the current step finishes, the run is saved, exit 128 + signal."""
+    args, start = run.args, time.perf_counter()
     with StopFlag() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            perm = epoch_permutation(args.seed, epoch, n).to(device)
-            stats = torch.zeros(steps, 2, device=device)  # per step: sums of recon and KL
-            first = start_step if epoch == start_epoch else 0
-            if first:
-                stats[:first] = partial.to(device)
-            t0 = time.perf_counter() - (partial_seconds if first else 0.0)
-            checked = 0
-            bar = tqdm(range(first, steps), total=steps, initial=first, leave=False, disable=None,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
-            for i in bar:
-                x, y = train_set.gather(perm[i * bs:(i + 1) * bs], labels=args.conditional)
-                for group in opt.param_groups:  # a function of progress alone, so resumes replay it
-                    group["lr"] = args.lr * args.lr_decay ** (epoch + i / steps)
-                stats[i] = train_step(model, opt, x, y,
-                                      kl_weight(args.beta, args.kl_warmup, epoch + i / steps),
-                                      noise, args.binarize, bf16, objective_fn)
-                if stop.signum is not None or (i + 1) % LOG_EVERY == 0:
-                    check_finite(stats, checked, i + 1, epoch, ckpt_where)  # syncs, so not every step
-                    checked = i + 1
-                    bar.set_postfix(loss=f"{stats[:i + 1].sum().item() / min(n, (i + 1) * bs):.2f}")
-                if stop.signum is not None:
-                    if i + 1 == steps:
-                        break  # the epoch is complete: finish it normally, then stop
-                    save_atomic(snapshot(epoch, i + 1, stats, time.perf_counter() - t0), args.checkpoint)
-                    bar.close()
-                    return interrupted(args, stop.signum, f"epoch {epoch + 1}, step {i + 1}/{steps}")
-            bar.close()
-            check_finite(stats, checked, steps, epoch, ckpt_where)
-            train_recon, train_kl = (stats.sum(0) / n).tolist()
-            test = evaluate_elbo(model, test_set, args.eval_batch_size, args.seed, args.conditional, bf16)
-            seconds = time.perf_counter() - t0
-            metrics.append({
-                "epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
-                "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"],
-                "kl": test["kl"], "kl_weight": kl_weight(args.beta, args.kl_warmup, epoch + 1),
-                "seconds": seconds,
-            })
-            save_atomic(snapshot(epoch + 1, 0), args.checkpoint)
-            write_metrics(metrics_path(args.checkpoint), metrics)
-            ckpt_where = f"the last good checkpoint {args.checkpoint} (epoch {epoch + 1}) is untouched"
-            weight = metrics[-1]["kl_weight"]
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  train {train_recon + train_kl:8.2f}  "
-                  f"test {test['loss']:8.2f} (recon {test['recon']:.2f} + KL {test['kl']:.2f})  "
-                  f"{seconds:6.1f} s" + (f"  KL weight {weight:.3g}" if weight != 1.0 else ""), flush=True)
+        for epoch in range(run.start_epoch, args.epochs):
+            stats, done, started = train_epoch(run, epoch, stop)
+            if done < run.steps:  # stopped mid-epoch
+                save_atomic(snapshot(run, epoch, done, stats, time.perf_counter() - started), args.checkpoint)
+                return interrupted(args, stop.signum, f"epoch {epoch + 1}, step {done}/{run.steps}")
+            end_epoch(run, epoch, stats, started)
             if stop.signum is not None and epoch + 1 < args.epochs:
                 return interrupted(args, stop.signum, f"the end of epoch {epoch + 1}")
-    print(f"done in {time.perf_counter() - run_start:.1f} s: test loss {metrics[-1]['test_loss']:.2f} "
+    fit_latent_mixture(run)
+    print(f"done in {time.perf_counter() - start:.1f} s: test loss {run.metrics[-1]['test_loss']:.2f} "
           f"nats/image (negative ELBO, beta = 1); checkpoint {args.checkpoint}, metrics "
           f"{metrics_path(args.checkpoint)}")
     return 0
+
+
+def fit_latent_mixture(run: Run) -> None:
+    """Fit the latent mixture (mixture.py) that samples come from, and save it in the checkpoint."""
+    args = run.args
+    k = mixture.default_components(run.config.num_classes) if args.mixture_components is None \
+        else args.mixture_components
+    if k == 0:
+        return
+    t0 = time.perf_counter()
+    data = run.train_set
+    try:
+        run.model.set_latent_mixture(mixture.fit_to_model(run.model, data.images, data.labels, k, args.seed))
+    except ValueError as e:  # e.g. --limit left a digit without images
+        print(f"note: no latent mixture fitted ({e}); samples come from the prior")
+        return
+    save_atomic(snapshot(run, args.epochs), args.checkpoint)
+    groups = f"{run.config.num_classes} mixtures (one per digit) of {k}" if run.config.num_classes else str(k)
+    print(f"latent mixture: {groups} components fitted to {len(data):,} posterior means in "
+          f"{time.perf_counter() - t0:.1f} s")
+
+
+def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int, float]:
+    """Train one epoch (from the stored step, if resumed mid-epoch) until its end or a signal.
+
+    Returns the per-step [recon sum, KL sum] rows, the steps done and the epoch's start on the
+    perf_counter clock (earlier by the time already spent, if resumed mid-epoch). The host
+    waits for the device only every LOG_EVERY steps (progress bar, non-finite check).
+    """
+    args, model, device = run.args, run.model, run.model.device
+    n, bs, steps = len(run.train_set), args.batch_size, run.steps
+    perm = epoch_permutation(args.seed, epoch, n).to(device)
+    stats = torch.zeros(steps, 2, device=device)  # per step: sums of recon and KL
+    first = run.start_step if epoch == run.start_epoch else 0
+    if first:
+        stats[:first] = run.partial.to(device)
+    t0 = time.perf_counter() - (run.partial_seconds if first else 0.0)
+    checked = 0
+    bar = tqdm(range(first, steps), total=steps, initial=first, leave=False, disable=None,
+               desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
+    for i in bar:
+        x, y = run.train_set.gather(perm[i * bs:(i + 1) * bs], labels=args.conditional)
+        progress = epoch + i / steps  # lr and KL weight depend on it alone, so resumes replay them
+        for group in run.opt.param_groups:
+            group["lr"] = learning_rate(args.lr, args.lr_decay, progress)
+        stats[i] = train_step(model, run.opt, x, y, kl_weight(args.beta, args.kl_warmup, progress),
+                              run.noise, args.binarize, run.bf16, run.objective_fn)
+        if stop.signum is not None or (i + 1) % LOG_EVERY == 0:
+            check_finite(stats, checked, i + 1, epoch, run.saved)  # syncs, so not every step
+            checked = i + 1
+            bar.set_postfix(loss=f"{stats[:i + 1].sum().item() / min(n, (i + 1) * bs):.2f}")
+        if stop.signum is not None and i + 1 < steps:
+            bar.close()
+            return stats, i + 1, t0
+    bar.close()
+    check_finite(stats, checked, steps, epoch, run.saved)
+    return stats, steps, t0
+
+
+def end_epoch(run: Run, epoch: int, stats: torch.Tensor, started: float) -> None:
+    """Test loss, metrics row, checkpoint and CSV, summary line. The epoch's seconds include its
+    evaluation."""
+    args = run.args
+    train_recon, train_kl = (stats.sum(0) / len(run.train_set)).tolist()
+    test = evaluate_elbo(run.model, run.test_set, args.eval_batch_size, args.seed, args.conditional, run.bf16)
+    seconds = time.perf_counter() - started
+    weight = kl_weight(args.beta, args.kl_warmup, epoch + 1)
+    run.metrics.append({
+        "epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
+        "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
+        "kl_weight": weight, "seconds": seconds,
+    })
+    save_atomic(snapshot(run, epoch + 1), args.checkpoint)
+    write_metrics(metrics_path(args.checkpoint), run.metrics)
+    run.saved = f"the last good checkpoint {args.checkpoint} (epoch {epoch + 1}) is untouched"
+    print(f"epoch {epoch + 1:3d}/{args.epochs}  train {train_recon + train_kl:8.2f}  "
+          f"test {test['loss']:8.2f} (recon {test['recon']:.2f} + KL {test['kl']:.2f})  "
+          f"{seconds:6.1f} s" + (f"  KL weight {weight:.3g}" if weight != 1.0 else ""), flush=True)
 
 
 def interrupted(args, signum: int, where: str) -> int:

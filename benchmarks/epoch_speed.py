@@ -5,7 +5,7 @@
 Full epochs of 60,000 images at batch 128 with Adam (lr 1e-3), same model and same loss, in
 three pipelines:
 - project: what train.py does. MNIST decoded once into a uint8 tensor on the device, batches
-  drawn by indexing a random permutation and converted to float per batch; train.train_step:
+  drawn by indexing a random permutation and converted to float per batch; training.train_step:
   bf16 autocast where the hardware has native bf16, fused Adam, no host sync per step.
 - conventional: what tutorials do (pytorch/examples' VAE). torchvision.datasets.MNIST with
   transforms.ToTensor() in a DataLoader (shuffle=True, num_workers=1), batches copied to the
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from data import TensorDataset, ensure_mnist  # noqa: E402
 from model import VAE, VAEConfig  # noqa: E402
-from train import compile_objective, make_optimizer, objective, train_step  # noqa: E402
+from training import compile_objective, make_optimizer, objective, train_step  # noqa: E402
 
 MODELS = {
     "mlp": VAEConfig(arch="mlp", hidden_dim=400, latent_dim=20, activation="relu"),

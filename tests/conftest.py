@@ -49,3 +49,13 @@ def mnist_subset():
 
     ds = TensorDataset.load("test", limit=256)
     return ds.batch(slice(0, 256))
+
+
+@pytest.fixture(scope="session")
+def mixture_run(tmp_path_factory):
+    """A finished 1-epoch tiny run with a 2-component latent mixture (read it, don't change it)."""
+    import train
+
+    ckpt = tmp_path_factory.mktemp("mixture_run") / "vae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "2", "--checkpoint", str(ckpt)]) == 0
+    return ckpt

@@ -57,7 +57,8 @@ def test_generate_writes_valid_pngs_and_repeats(trained, tmp_path):
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout.split())
     names = [p.rsplit("/", 1)[1] for p in outs[0]]
-    assert names == ["reconstructions.png", "samples.png", "interpolation.png", "traversal.png"]
+    assert names == ["reconstructions.png", "samples.png", "samples_prior.png", "interpolation.png",
+                     "traversal.png"]
     for a, b in zip(*outs):
         with Image.open(a) as img:
             img.verify()  # a complete, valid PNG

@@ -10,6 +10,7 @@ from PIL import Image
 import evaluate
 import generate
 import train
+import training
 from checkpoint import load_checkpoint
 from conftest import TINY, cli_error
 from model import VAE, VAEConfig
@@ -141,9 +142,9 @@ def test_two_d_latent_writes_manifold(tmp_path):
 
 
 def test_kl_weight_schedule():
-    assert train.kl_weight(1.0, 0, 0.0) == 1.0
-    assert train.kl_weight(2.0, 4, 1.0) == 0.5
-    assert train.kl_weight(2.0, 4, 10.0) == 2.0
+    assert training.kl_weight(1.0, 0, 0.0) == 1.0
+    assert training.kl_weight(2.0, 4, 1.0) == 0.5
+    assert training.kl_weight(2.0, 4, 10.0) == 2.0
 
 
 def test_beta_and_warmup_report_true_elbo(tmp_path):

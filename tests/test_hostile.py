@@ -1,0 +1,315 @@
+"""Reliability, round 2 (issue 13): files that are not ours, corrupted weights, hostile
+checkpoints, and one line for every failure."""
+
+import copy
+import errno
+import os
+import stat
+
+import pytest
+import torch
+
+import cli
+import data
+import evaluate
+import fit_mixture
+import generate
+import train
+from checkpoint import seal, write_atomic
+from conftest import TINY, cli_error, run_script
+from model import VAE, VAEConfig
+
+
+@pytest.fixture
+def good(mixture_run):
+    return mixture_run
+
+
+def tree(folder):
+    """Every file under folder with its bytes and mode: to show nothing on disk changed."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[p] = (fh.read(), os.stat(p).st_mode)
+    return out
+
+
+# -- 1. never touch what isn't ours --------------------------------------------------------------
+
+def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
+    ckpt = tmp_path / "notes.pt"
+    keep = [tmp_path / "notes.pt.mine.tmp", tmp_path / "notes.pt.123.tmp", tmp_path / ".swp.tmp",
+            tmp_path / f"notes.pt.{os.getpid()}.0123456789abcdef.tmp"]  # a live process's own name
+    for p in keep:
+        p.write_text("keep")
+    stale = tmp_path / "notes.pt.999999999.0123456789abcdef.tmp"  # pattern of a killed save
+    stale.write_text("partial")
+    line = cli_error(train.main, [*TINY, "--checkpoint", good], capsys)  # refuses: exists
+    assert "exists" in line and all(p.read_text() == "keep" for p in keep)
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    assert all(p.read_text() == "keep" for p in keep) and not stale.exists()
+
+
+def test_empty_paths_are_refused(tmp_path, capsys):
+    before = tree(tmp_path)
+    os.chdir(tmp_path)
+    for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"])):
+        line = cli_error(main, args, capsys)
+        assert "empty path" in line
+    assert tree(tmp_path) == before
+
+
+def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_path):
+    write_atomic(os.devnull, lambda f: f.write(b"discarded"))
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(link)]) == 0
+    assert link.is_symlink() and '"nll"' in target.read_text()
+    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, capsys):
+    fifo_dir = tmp_path / "d"
+    fifo_dir.mkdir()
+    sock = tmp_path / "sock"
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        line = cli_error(evaluate.main, ["--checkpoint", good, "--json", sock], capsys)
+        assert "not a regular file" in line
+    finally:
+        s.close()
+    line = cli_error(evaluate.main, ["--checkpoint", good, "--json", fifo_dir], capsys)
+    assert "is a folder" in line
+    # the metrics CSV's path is checked before any training, too
+    ckpt = tmp_path / "run.pt"
+    (tmp_path / "run.metrics.csv").mkdir()
+    line = cli_error(train.main, [*TINY, "--checkpoint", ckpt], capsys)
+    assert "run.metrics.csv" in line and "folder" in line and not ckpt.exists()
+
+
+def test_full_disk_keeps_the_old_file_and_says_one_line(good, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "vae.pt"
+    ckpt.write_bytes(good.read_bytes())
+    before = tree(tmp_path)
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    line = cli_error(fit_mixture.main, ["--checkpoint", ckpt, "--components", "1"], capsys)
+    assert "No space left" in line and "untouched" in line
+    after = tree(tmp_path)
+    after.pop(str(ckpt) + ".lock", None)
+    assert after == before
+
+
+# -- 3. corrupted weights ----------------------------------------------------------------------
+
+def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    w = c["model"]["to_stats.weight"]
+    w.view(torch.int32)[0, 0] ^= 1 << 20  # one bit of one weight
+    bad = tmp_path / "flip.pt"
+    torch.save(c, bad)
+    for main, extra in ((generate.main, ["--out", tmp_path / "o"]), (evaluate.main, []),
+                        (train.main, ["--resume", "--epochs", "2"])):
+        line = cli_error(main, ["--checkpoint", bad, *extra], capsys)
+        assert str(bad) in line and "corrupt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_without_checksums_loads_with_a_note(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    del c["sha256"]
+    old = tmp_path / "old.pt"
+    torch.save(c, old)
+    capsys.readouterr()
+    VAE.from_checkpoint(old)
+    assert "no checksums" in capsys.readouterr().out
+
+
+# -- 4, 8. the Python API validates its arguments -------------------------------------------------
+
+def test_api_arguments_are_validated():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=16, latent_dim=2)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    for k in (float("inf"), float("nan"), 0, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an int"):
+            m.log_likelihood(x, k=k)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.loss(x * 255)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.encode(torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(ValueError, match=r"must be \[B, 1, 28, 28\]"):
+        m.encode(torch.rand(2, 784))
+    c = VAE(VAEConfig(channels=(4, 8), hidden_dim=16, latent_dim=2, num_classes=10)).eval()
+    with pytest.raises(ValueError, match="integer"):
+        c.sample(2, labels=3.7)
+    with pytest.raises(ValueError, match="integer"):
+        c.encode(x, torch.tensor([1.0, 2.0, 3.0]))
+    assert c.log_likelihood(x, [1, 2, 3], k=2).shape == (3,)  # a list, as encode and sample take
+    for bad in ({"latent_dim": 10**17}, {"latent_dim": 2.5}, {"hidden_dim": True}, {"arch": 3},
+                {"channels": [4, "8"]}, {"num_classes": -1}):
+        with pytest.raises(ValueError):
+            VAEConfig(**bad)
+
+
+def test_unavailable_device_is_named_not_called_corrupt(good):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        VAE.from_checkpoint(good, map_location="cuda")
+
+
+def test_memory_hungry_chunks_are_refused_up_front(good, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", good, "--chunk", 10**9], capsys)
+    assert "--chunk" in line and "GiB" in line
+
+
+@pytest.mark.parametrize("args", [["--seed", str(2**64)], ["--latent-dim", str(10**17)],
+                                  ["--hidden-dim", str(10**9)], ["--channels", "4", str(10**9)],
+                                  ["--epochs", str(10**12)], ["--batch-size", str(10**12)]])
+def test_overflowing_values_exit_2_in_one_line(args):
+    proc = run_script("train.py", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- 5. the data folder ---------------------------------------------------------------------------
+
+def test_interrupted_decompression_leaves_no_temp_file(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    name = "t10k-labels-idx1-ubyte"
+    with open(os.path.join(data.raw_dir(data.DEFAULT_DATA_DIR), name + ".gz"), "rb") as f:
+        (raw / (name + ".gz")).write_bytes(f.read())
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare_file(str(raw), name)
+    assert sorted(p.name for p in raw.iterdir()) == [name + ".gz"]
+
+
+def test_missing_data_dir_leaves_no_folders(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    line = cli_error(generate.main, ["--data-dir", missing, "--checkpoint", "none.pt"], capsys)
+    assert "none.pt" in line  # the checkpoint is checked first
+    line = cli_error(train.main, [*TINY, "--data-dir", missing, "--checkpoint", tmp_path / "r.pt"], capsys)
+    assert "no such data folder" in line and not missing.exists()
+
+
+# -- 7. every field of a checkpoint is untrusted ---------------------------------------------------
+
+INT_BAD = ["x", -1, 2.5, True, 10**30, None]
+FLOAT_BAD = ["x", -1.0, float("nan"), float("inf"), True, [1.0]]
+STR_BAD = ["no-such-choice", 3, None, True]
+BOOL_BAD = ["x", 1, 2.5, [True]]
+DICT_BAD = ["x", 3, [1], None]
+
+
+ALL, RESUME, NONE = "every script", "train.py --resume", "no script"
+
+
+def variants(c):
+    """(name, mutated checkpoint, which scripts must refuse it): each field of each kind, set to
+    values of the wrong type or range, or removed. Where the checksums still cover the changed
+    part they are made again (a consistent, crafted file, not a damaged one)."""
+    def put(path, value):
+        d = copy.deepcopy(c)
+        obj = d
+        for k in path[:-1]:
+            obj = obj[k]
+        if value is KeyError:
+            del obj[path[-1]]
+        else:
+            obj[path[-1]] = value
+        return d
+
+    for key in ("format", "epoch", "step"):
+        for v in INT_BAD:
+            yield f"{key}={v!r}", put((key,), v), ALL
+    for v in FLOAT_BAD:
+        yield f"partial_seconds={v!r}", put(("partial_seconds",), v), ALL
+    optional = {"rng": RESUME, "optimizer": RESUME, "args": RESUME, "latent_mixture": NONE}
+    for key in ("model_config", "model", "metrics", "rng", "latent_mixture", "optimizer", "args"):
+        for v in DICT_BAD + [KeyError]:
+            if v is None and key == "latent_mixture":
+                continue  # None is valid: no mixture
+            lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
+            yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
+    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes"):
+        for v in INT_BAD + [0 if key != "num_classes" else 7, 10**17]:
+            yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
+    for key in ("arch", "activation"):
+        for v in STR_BAD:
+            yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
+    for v in [[4], ["4", "8"], "x", [0, 8], None, [10**9, 8]]:
+        yield f"model_config.channels={v!r}", put(("model_config", "channels"), v), ALL
+    yield "model_config.extra", put(("model_config", "extra"), 1), ALL
+    name = next(iter(c["model"]))
+    shape = c["model"][name].shape
+    for v in (torch.zeros(3), torch.zeros(shape, dtype=torch.int64), torch.full(shape, float("nan")), "x"):
+        yield f"model[{name}]={type(v).__name__}", put(("model", name), v), ALL
+    for v in (torch.zeros(3, dtype=torch.uint8), torch.zeros(5056)):
+        yield f"rng.torch={v.dtype}", put(("rng", "torch"), v), RESUME if v.dtype == torch.uint8 else ALL
+    for key, v in (("weights", -c["latent_mixture"]["weights"]), ("means", torch.zeros(1, 2, 3)),
+                   ("scale_tril", torch.zeros_like(c["latent_mixture"]["scale_tril"]))):
+        yield f"latent_mixture.{key}", put(("latent_mixture", key), v), ALL
+    yield "metrics epoch", put(("metrics", 0, "epoch"), 5), ALL
+    yield "metrics value", put(("metrics", 0, "test_loss"), "x"), ALL
+    # The run's flags: train.py --resume reads them all; the other scripts binarize and limit.
+    for key, bad in (("batch_size", INT_BAD[:-1]), ("seed", INT_BAD[:-1]), ("lr", FLOAT_BAD),
+                     ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
+                     ("eval_batch_size", INT_BAD[:-1]), ("limit", ["x", -1, 2.5, True]),
+                     ("precision", STR_BAD[:2]), ("latent_dim", [10**17, "x"]), ("arch", ["x"]),
+                     ("channels", [[1], "x"]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
+        for v in bad:
+            yield f"args.{key}={v!r}", put(("args", key), v), ALL if key in ("binarize", "limit") else RESUME
+    state = c["optimizer"]["state"][0]
+    for key, v in (("exp_avg", torch.zeros(3)), ("exp_avg_sq", -state["exp_avg_sq"] - 1), ("step", "x")):
+        yield f"optimizer.{key}", put(("optimizer", "state", 0, key), v), RESUME
+    yield "optimizer.betas", put(("optimizer", "param_groups", 0, "betas"), "x"), RESUME
+    yield "optimizer.params", put(("optimizer", "param_groups", 0, "params"), [0]), RESUME
+
+
+def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    seen = 0
+    for i, (name, mutated, fails) in enumerate(variants(c)):
+        folder = tmp_path / f"v{i}"
+        folder.mkdir()
+        ckpt = folder / "vae.pt"
+        try:
+            seal(mutated)
+        except Exception:  # a value the digest cannot read: keep the old seal (then it is "corrupt")
+            pass
+        torch.save(mutated, ckpt)
+        before = tree(folder)
+        runs = [(train.main, ["--checkpoint", ckpt, "--resume", "--epochs", "2"], fails in (ALL, RESUME)),
+                (generate.main, ["--checkpoint", ckpt, "--out", folder / "out"], fails == ALL),
+                (evaluate.main, ["--checkpoint", ckpt, "--k", "2", "--limit", "5"], fails == ALL)]
+        for main, args, must_fail in runs:
+            capsys.readouterr()
+            code = cli.run(main, [str(a) for a in args])  # an unexpected exception fails the test here
+            err = capsys.readouterr().err
+            if must_fail:
+                assert code == 1, f"{name}: {main.__module__} exited {code}"
+                assert err.count("\n") == 1 and "Traceback" not in err, f"{name}: {err}"
+                assert str(ckpt) in err, f"{name}: {err}"
+                assert tree(folder) == before, f"{name}: {main.__module__} changed files"
+            else:
+                assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
+            seen += 1
+    assert seen > 300, seen

@@ -1,0 +1,75 @@
+"""Train the MNIST classifier whose features score samples (`evaluate.py --sample-quality`).
+
+    python train_classifier.py        # writes weights/mnist_classifier.pt, prints its SHA-256
+
+The project ships the weights this command wrote; its SHA-256 is classifier.WEIGHTS_SHA256, so
+every user scores with the same network. Run it again only to study the classifier itself: a
+new file has another hash, and evaluate.py then needs --classifier and --no-sha256-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cli
+from checkpoint import save_atomic
+from classifier import DEFAULT_WEIGHTS, DigitClassifier, sha256_of
+from data import TensorDataset, load_test_set, to_unit
+from training import epoch_permutation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(description="Train the MNIST classifier used to score samples.")
+    p.add_argument("--epochs", type=cli.number(int, 1, high=1000), default=6, help="passes over the training set")
+    p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=128, help="images per step")
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds init and shuffling")
+    p.add_argument("--out", default=DEFAULT_WEIGHTS,
+                   help="weights file to write (default: weights/mnist_classifier.pt)")
+    cli.add_device_flag(p)
+    cli.add_data_dir_flag(p)
+    return p
+
+
+@torch.inference_mode()
+def accuracy(model: DigitClassifier, data: TensorDataset) -> float:
+    model.eval()
+    right = sum((model(x).argmax(1) == y).sum().item() for x, y in data.batches(1000))
+    model.train()
+    return right / len(data)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.ensure_folder(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    device = cli.pick_device(args.device)
+    train_set = TensorDataset.load("train", args.data_dir, device)
+    test_set = load_test_set(args.data_dir, device)
+    torch.manual_seed(args.seed)
+    model = DigitClassifier().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    n, bs = len(train_set), args.batch_size
+    for epoch in range(args.epochs):
+        perm = epoch_permutation(args.seed, epoch, n).to(device)
+        for g in opt.param_groups:  # halve the rate each epoch: a simple schedule that converges
+            g["lr"] = args.lr * 0.5 ** epoch
+        for i in tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{args.epochs}", disable=None, leave=False):
+            x, y = train_set.batch(perm[i:i + bs])
+            loss = F.cross_entropy(model(to_unit(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"epoch {epoch + 1}/{args.epochs}: test accuracy {accuracy(model, test_set):.4f}", flush=True)
+    save_atomic(model.cpu().to_saved(), args.out)
+    print(f"wrote {args.out}, SHA-256 {sha256_of(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
