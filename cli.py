@@ -165,6 +165,19 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def check_creatable_folder(folder: str, what: str) -> None:
+    """A one-line UserError unless `folder` is a writable folder or could be created as one; creates
+    nothing (ensure_folder does, once the work that could fail on the input has run)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{folder}: cannot create the {what} ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: cannot create the {what} ({probe} is not writable)"
+                        if probe != os.path.abspath(folder) else f"{folder}: {what} is not writable")
+
+
 def ensure_folder(folder: str, what: str) -> None:
     """Create `folder` if needed; a one-line UserError if that fails or it is not writable."""
     try:

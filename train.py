@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import cli
 import mixture
-from checkpoint import (DEFAULT_CHECKPOINT, FORMAT, MAX_EPOCHS, CheckpointError, CheckpointLock, check_output_path,
+from checkpoint import (DEFAULT_CHECKPOINT, FORMAT, MAX_EPOCHS, CheckpointError, CheckpointLock,
                         first_line, load_checkpoint,
                         remove_stale_temp_files, save_atomic, seal, write_atomic)
 from data import NUM_CLASSES, TensorDataset, load_test_set
@@ -141,26 +141,46 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, epoch: int, where: 
                             f"({', '.join(terms)}); stopped, {where}")
 
 
-def prepare_output(path: str) -> None:
-    """Check the checkpoint's and the metrics CSV's paths, creating the folder, so that a bad path
-    fails before any training."""
+def check_outputs(path: str) -> None:
+    """The checkpoint's and the metrics CSV's paths, checked before any work and without creating
+    anything: a file path (not a folder, not a device), in a folder that exists or can be made."""
     if not path:
         raise cli.UserError("--checkpoint: empty path")
-    cli.ensure_folder(os.path.dirname(os.path.abspath(path)), "checkpoint folder")
-    check_output_path(path, "checkpoint")
-    check_output_path(metrics_path(path), "metrics CSV")
+    cli.check_creatable_folder(os.path.dirname(os.path.abspath(path)), "checkpoint folder")
+    for p, what in ((path, "checkpoint"), (metrics_path(path), "metrics CSV")):
+        if os.path.isdir(p):
+            raise cli.UserError(f"{p}: is a folder, expected a path for the {what}")
+        if os.path.exists(p) and not os.path.isfile(p):
+            raise cli.UserError(f"{p}: not a regular file; the {what} must be one")
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            raise cli.UserError(f"{p}: not writable")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.keep_freed_memory()
-    if args.resume:  # a bad checkpoint is refused before anything is written, the lock file included
-        check_resumable(load_checkpoint(args.checkpoint, map_location="cpu"), args.checkpoint, parser)
-    prepare_output(args.checkpoint)
+    # Everything that can fail on what the user gave runs before anything is written: a bad
+    # checkpoint, bad output paths, a missing data folder or device leave no folder and no lock file.
+    if args.resume:
+        ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+        check_resumable(ckpt, args.checkpoint, parser)
+        restore_run_flags(args, parser, ckpt["args"])  # --limit and --binarize pick the data
+        if ckpt["epoch"] >= args.epochs:
+            print(f"{args.checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above "
+                  f"{ckpt['epoch']} to train on")
+            return 0
+    elif os.path.exists(args.checkpoint) and not args.overwrite:
+        raise cli.UserError(f"{args.checkpoint} exists: pass --resume to continue it, --overwrite to "
+                            "start again, or --checkpoint for a new file")
+    check_outputs(args.checkpoint)
+    device = cli.pick_device(args.device)
+    data = (TensorDataset.load("train", args.data_dir, device, args.limit),
+            load_test_set(args.data_dir, device, args.limit, args.binarize))
+    cli.ensure_folder(os.path.dirname(os.path.abspath(args.checkpoint)), "checkpoint folder")
     with CheckpointLock(args.checkpoint):
         remove_stale_temp_files(args.checkpoint)  # only its own, of processes no longer alive
-        run = start_or_resume(args, parser)
+        run = start_or_resume(args, parser, device, *data)
         return 0 if run is None else train(run)
 
 
@@ -190,30 +210,27 @@ class Run:
         return math.ceil(len(self.train_set) / self.args.batch_size)
 
 
-def start_or_resume(args, parser) -> Run | None:
-    """A new run from the flags, or the run stored in --checkpoint (--resume) with its own flags.
-    None if a resumed run has nothing left to do."""
+def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset,
+                    test_set: TensorDataset) -> Run | None:
+    """A new run from the flags, or the run stored in --checkpoint (--resume) with its own flags,
+    read again now that this process holds the lock. None if it has nothing left to do."""
     ckpt = model = None
     if args.resume:
         ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
         check_resumable(ckpt, args.checkpoint, parser)
         model, _ = cli.load_vae_from(ckpt, args.checkpoint)
         model.set_latent_mixture(None)  # fitted to the old weights: fitted again when training ends
-        restore_run_flags(args, parser, ckpt.get("args", {}))
+        restore_run_flags(args, parser, ckpt["args"])
         config = model.config
         if ckpt["epoch"] >= args.epochs:
             print(f"{args.checkpoint} already has {ckpt['epoch']} epochs; pass --epochs above "
                   f"{ckpt['epoch']} to train on")
             return None
-    elif os.path.exists(args.checkpoint) and not args.overwrite:
-        raise cli.UserError(f"{args.checkpoint} exists: pass --resume to continue it, --overwrite to "
-                            "start again, or --checkpoint for a new file")
     else:
         config = VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                            channels=tuple(args.channels), activation=args.activation,
                            num_classes=NUM_CLASSES if args.conditional else 0)
 
-    device = cli.pick_device(args.device)
     bf16 = cli.pick_precision(args.precision, device)
     print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
           + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")
@@ -221,9 +238,7 @@ def start_or_resume(args, parser) -> Run | None:
     model = (model or VAE(config)).to(device).train()
     run = Run(args, config, model, make_optimizer(model, args.lr, device),
               torch.Generator(device=device).manual_seed(args.seed), bf16,
-              compile_objective() if args.compile else objective,
-              TensorDataset.load("train", args.data_dir, device, args.limit),
-              load_test_set(args.data_dir, device, args.limit, args.binarize))
+              compile_objective() if args.compile else objective, train_set, test_set)
     if ckpt is not None:
         restore_state(run, ckpt)
     n = len(run.train_set)

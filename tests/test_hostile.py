@@ -313,3 +313,20 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
                 assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
             seen += 1
     assert seen > 300, seen
+
+
+def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Bad data or a device as checkpoint: refused before any folder or lock file is made."""
+    def offline(_):
+        raise OSError("offline")
+
+    monkeypatch.setattr(data, "_download", offline)
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    ckpt = tmp_path / "new" / "vae.pt"
+    line = cli_error(train.main, [*TINY, "--data-dir", empty, "--checkpoint", ckpt], capsys)
+    assert "missing" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_data"] and not any(empty.iterdir())
+    line = cli_error(train.main, [*TINY, "--checkpoint", os.devnull, "--overwrite"], capsys)
+    assert "not a regular file" in line
+    assert not os.path.exists(os.devnull + ".lock") and not os.path.exists(os.devnull + ".metrics.csv")
