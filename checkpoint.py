@@ -315,8 +315,8 @@ def check_fields(ckpt: dict, path: str) -> None:
         bad("partial_seconds", f"expected a number >= 0, got {seconds!r}")
     partial = ckpt.get("partial")
     if step and not (isinstance(partial, torch.Tensor) and partial.is_floating_point()
-                     and tuple(partial.shape) == (step, 2)):
-        bad("partial", f"expected a float tensor [{step}, 2] (the sums of the {step} steps done)")
+                     and partial.dim() == 2 and partial.shape[0] == step and partial.shape[1] in (2, 3)):
+        bad("partial", f"expected a float tensor [{step}, 2 or 3] (the sums of the {step} steps done)")
     if partial is not None and not step:
         bad("partial", "present at an epoch boundary (step 0)")
     metrics = ckpt.get("metrics", [])

@@ -318,6 +318,23 @@ class VAE(nn.Module):
         mu, _ = self.encode(x.to(self.device), labels)
         return torch.sigmoid(self.decode(mu, labels))
 
+    def importance_terms(self, x, labels, mu, logvar, eps):
+        """The two parts of the log importance weights of K posterior samples per image:
+        (log p(x|z_k), log p(z_k) - log q(z_k|x)), each [K, B], for z_k = mu + sigma * eps_k.
+
+        x: [B, C, H, W]; mu, logvar: the encoder's [B, d]; eps: [K, B, d]. Their sum is the log
+        weight of Burda et al. (2015), eq. 8; computed in fp32 whatever the decoder's precision.
+        """
+        k, b, d = eps.shape
+        z = self.reparameterize(mu, logvar, eps=eps)  # [K, B, d]
+        # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
+        logits = self.decode(z.reshape(k * b, d), None if labels is None else labels.repeat(k))
+        target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+        log_px_z = -bernoulli_nll(logits.float(), target.float()).view(k, b)
+        log_q = (-0.5 * (eps.float().pow(2) + logvar.float() + LOG_2PI)).sum(-1)
+        log_p_z = (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
+        return log_px_z, log_p_z - log_q
+
     @torch.no_grad()
     def log_likelihood(self, x, labels=None, k: int = 1000, chunk: int = 100,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -333,22 +350,14 @@ class VAE(nn.Module):
             labels = self._as_labels(labels)
         mu, logvar = self.encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
-        std = torch.exp(0.5 * logvar)
         b, d = mu.shape
         total = torch.full((b,), -math.inf, device=mu.device)
         done = 0
         while done < k:
             m = min(chunk, k - done)
             eps = torch.randn(m, b, d, generator=generator, device=mu.device)
-            z = mu + std * eps  # [m, B, d]
-            log_q = (-0.5 * (eps.pow(2) + logvar + LOG_2PI)).sum(-1)
-            log_p_z = (-0.5 * (z.pow(2) + LOG_2PI)).sum(-1)
-            # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
-            logits = self.decode(z.reshape(m * b, d), None if labels is None else labels.repeat(m))
-            tgt = x.expand(m, *x.shape).reshape(m * b, *x.shape[1:])
-            log_px_z = -bernoulli_nll(logits.float(), tgt.float()).view(m, b)
-            w = log_px_z + log_p_z - log_q  # [m, B] log importance weights
-            total = torch.logaddexp(total, torch.logsumexp(w, dim=0))
+            log_px_z, log_ratio = self.importance_terms(x, labels, mu, logvar, eps)
+            total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
             done += m
         return total - math.log(k)
 

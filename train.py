@@ -28,7 +28,7 @@ from checkpoint import (DEFAULT_CHECKPOINT, FORMAT, MAX_EPOCHS, CheckpointError,
                         first_line, load_checkpoint,
                         remove_stale_temp_files, save_atomic, seal, write_atomic)
 from data import NUM_CLASSES, TensorDataset, load_test_set
-from likelihood import evaluate_elbo
+from likelihood import evaluate_elbo, importance_nll
 from model import MAX_SIZE, VAE, VAEConfig
 from training import (check_adam_state, compile_objective, epoch_permutation, kl_weight, learning_rate,
                       make_optimizer, objective, train_step)
@@ -36,10 +36,12 @@ from training import (check_adam_state, compile_objective, epoch_permutation, kl
 LOG_EVERY = 50  # steps between host syncs (progress bar update and non-finite check)
 # Flags that define a run: on --resume they are taken from the checkpoint, not the command line.
 RUN_FLAGS = ("batch_size", "lr", "lr_decay", "seed", "limit", "binarize", "conditional", "beta",
-             "kl_warmup", "eval_batch_size", "precision")
+             "kl_warmup", "eval_batch_size", "precision", "iw_k")
 MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "activation")
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
                  "kl_weight", "seconds")
+IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test
+MAX_IW_K = 5000
 
 
 class TrainingError(cli.UserError):
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_precision_flag(p, help="arithmetic of training and its per-epoch test loss; auto = bf16 "
                                    "autocast where the CPU or GPU has native bf16, else fp32 "
                                    "(evaluate.py is always fp32)")
+    p.add_argument("--iw-k", type=cli.number(int, 1, high=MAX_IW_K), default=1,
+                   help="importance samples per image: K > 1 trains on the importance-weighted bound "
+                        "(IWAE, Burda et al. 2015) instead of the ELBO; K = 1 is the ELBO")
     p.add_argument("--mixture-components", type=cli.number(int, 0, high=mixture.MAX_COMPONENTS), default=None,
                    help="when training ends, fit a Gaussian mixture with this many components to the "
                         "training images' posterior means (per digit for --conditional), which "
@@ -123,7 +128,8 @@ def metrics_path(checkpoint: str) -> str:
 def write_metrics(path: str, rows: list[dict]) -> None:
     """Rewrite the CSV from the checkpoint's rows (atomically): it never disagrees with it."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    fields = METRIC_FIELDS + (IW_FIELDS if rows and IW_FIELDS[0] in rows[0] else ())
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -136,7 +142,8 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, epoch: int, where: 
     bad = ~torch.isfinite(rows)
     if bad.any():
         j = int(bad.any(dim=1).nonzero()[0])
-        terms = [f"{n} = {rows[j, c].item()}" for c, n in ((0, "recon"), (1, "KL")) if bad[j, c]]
+        names = ("recon", "KL", "IW bound")
+        terms = [f"{names[c]} = {rows[j, c].item()}" for c in range(rows.shape[1]) if bad[j, c]]
         raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {start + j + 1} "
                             f"({', '.join(terms)}); stopped, {where}")
 
@@ -173,6 +180,9 @@ def main(argv=None) -> int:
     elif os.path.exists(args.checkpoint) and not args.overwrite:
         raise cli.UserError(f"{args.checkpoint} exists: pass --resume to continue it, --overwrite to "
                             "start again, or --checkpoint for a new file")
+    if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup):
+        raise cli.UserError("--iw-k above 1 trains on the importance-weighted bound, which has no KL weight: "
+                            "leave --beta at 1 and --kl-warmup at 0")
     check_outputs(args.checkpoint)
     device = cli.pick_device(args.device)
     data = (TensorDataset.load("train", args.data_dir, device, args.limit),
@@ -244,6 +254,10 @@ def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset
     n = len(run.train_set)
     print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {n:,} images, "
           f"{args.epochs} epochs of {run.steps} steps" + (", dynamically binarized" if args.binarize else ""))
+    if args.iw_k > 1:
+        print(f"objective: the importance-weighted bound with K = {args.iw_k} (IWAE)"
+              + ("; --compile applies to the ELBO only, this step runs eagerly" if args.compile else "")
+              + "; train and test loss are the negative ELBO, the IW bound is logged beside them")
     if args.beta != 1.0 or args.kl_warmup:
         print(f"note: the objective weighs the KL by {args.beta:g}"
               + (f", ramped from 0 over {args.kl_warmup} epochs" if args.kl_warmup else "")
@@ -321,6 +335,10 @@ def restore_state(run: Run, ckpt: dict) -> None:
         print("note: the checkpoint was written on another kind of device; noise RNG reseeded")
     run.metrics, run.start_epoch = list(ckpt["metrics"]), ckpt["epoch"]
     run.start_step, run.partial = ckpt.get("step", 0), ckpt.get("partial")
+    columns = 2 if run.args.iw_k == 1 else 3
+    if run.partial is not None and run.partial.shape[1] != columns:
+        raise CheckpointError(f"{path}: bad checkpoint field partial: {run.partial.shape[1]} columns, "
+                              f"this run logs {columns}")
     if run.start_step >= run.steps:
         raise CheckpointError(f"{path}: bad checkpoint field step: {run.start_step}, but an epoch has "
                               f"{run.steps} steps")
@@ -391,7 +409,8 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int
     args, model, device = run.args, run.model, run.model.device
     n, bs, steps = len(run.train_set), args.batch_size, run.steps
     perm = epoch_permutation(args.seed, epoch, n).to(device)
-    stats = torch.zeros(steps, 2, device=device)  # per step: sums of recon and KL
+    # per step: sums of recon and KL (and of the negative K-sample bound, with --iw-k > 1)
+    stats = torch.zeros(steps, 2 if args.iw_k == 1 else 3, device=device)
     first = run.start_step if epoch == run.start_epoch else 0
     if first:
         stats[:first] = run.partial.to(device)
@@ -405,11 +424,11 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int
         for group in run.opt.param_groups:
             group["lr"] = learning_rate(args.lr, args.lr_decay, progress)
         stats[i] = train_step(model, run.opt, x, y, kl_weight(args.beta, args.kl_warmup, progress),
-                              run.noise, args.binarize, run.bf16, run.objective_fn)
+                              run.noise, args.binarize, run.bf16, run.objective_fn, args.iw_k)
         if stop.signum is not None or (i + 1) % LOG_EVERY == 0:
             check_finite(stats, checked, i + 1, epoch, run.saved)  # syncs, so not every step
             checked = i + 1
-            bar.set_postfix(loss=f"{stats[:i + 1].sum().item() / min(n, (i + 1) * bs):.2f}")
+            bar.set_postfix(loss=f"{stats[:i + 1, :2].sum().item() / min(n, (i + 1) * bs):.2f}")
         if stop.signum is not None and i + 1 < steps:
             bar.close()
             return stats, i + 1, t0
@@ -422,21 +441,27 @@ def end_epoch(run: Run, epoch: int, stats: torch.Tensor, started: float) -> None
     """Test loss, metrics row, checkpoint and CSV, summary line. The epoch's seconds include its
     evaluation."""
     args = run.args
-    train_recon, train_kl = (stats.sum(0) / len(run.train_set)).tolist()
+    train_recon, train_kl, *train_iw = (stats.sum(0) / len(run.train_set)).tolist()
     test = evaluate_elbo(run.model, run.test_set, args.eval_batch_size, args.seed, args.conditional, run.bf16)
+    if args.iw_k > 1:  # the bound the run optimises, on the test set (fp32, seeded)
+        test["iw"] = importance_nll(run.model, run.test_set, args.iw_k, min(args.iw_k, 100),
+                                    args.eval_batch_size, args.seed, args.conditional)
     seconds = time.perf_counter() - started
     weight = kl_weight(args.beta, args.kl_warmup, epoch + 1)
     run.metrics.append({
         "epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
         "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
         "kl_weight": weight, "seconds": seconds,
+        **({"train_iw": train_iw[0], "test_iw": test["iw"]} if args.iw_k > 1 else {}),
     })
     save_atomic(snapshot(run, epoch + 1), args.checkpoint)
     write_metrics(metrics_path(args.checkpoint), run.metrics)
     run.saved = f"the last good checkpoint {args.checkpoint} (epoch {epoch + 1}) is untouched"
     print(f"epoch {epoch + 1:3d}/{args.epochs}  train {train_recon + train_kl:8.2f}  "
           f"test {test['loss']:8.2f} (recon {test['recon']:.2f} + KL {test['kl']:.2f})  "
-          f"{seconds:6.1f} s" + (f"  KL weight {weight:.3g}" if weight != 1.0 else ""), flush=True)
+          f"{seconds:6.1f} s" + (f"  KL weight {weight:.3g}" if weight != 1.0 else "")
+          + (f"  IW-{args.iw_k} bound: train {train_iw[0]:.2f} test {test['iw']:.2f}" if train_iw else ""),
+          flush=True)
 
 
 def interrupted(args, signum: int, where: str) -> int:

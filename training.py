@@ -1,7 +1,8 @@
 """The training step and its schedule, shared by train.py and benchmarks/epoch_speed.py.
 
 One step: draw the reparameterisation noise, compute the objective (the mean over the batch of
-recon + beta * KL, Kingma & Welling 2014, eq. 10), backpropagate, take an Adam step. Everything
+recon + beta * KL, Kingma & Welling 2014, eq. 10; or the importance-weighted bound of Burda et
+al. 2015 with K samples), backpropagate, take an Adam step. Everything
 that decides a run's numbers is a pure function of the seed and the progress (epoch + step /
 steps), so a resumed run replays the run that was never stopped.
 """
@@ -13,7 +14,7 @@ import math
 import torch
 
 from data import to_unit
-from model import VAE
+from model import VAE, gaussian_kl
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -60,19 +61,61 @@ def compile_objective():
     return torch.compile(objective)
 
 
+def iw_objective(model: VAE, x, labels, eps, bf16: bool):
+    """The negative importance-weighted bound of Burda et al. (2015), eq. 8, per image, [B]:
+
+        -L_K = -[logsumexp_k (a_k + c_k - mean_j c_j) - log K - KL],
+        a_k = log p(x|z_k),  c_k = log p(z_k) - log q(z_k|x) + KL,  z_k = mu + sigma * eps_k
+
+    c_k has mean 0 under q for any parameters, so subtracting its mean over the K samples changes
+    neither the bound's expectation nor its expected gradient: it is a control variate, and with
+    it K = 1 is exactly today's objective with the analytic KL (a test checks losses and gradients).
+    Also returns, for the log, -a_1 (the one-sample reconstruction term) and the KL, each [B].
+    x: images in [0, 1] or uint8; eps: [K, B, d]; bf16: as for `objective`.
+    """
+    x = to_unit(x)
+    k = eps.shape[0]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        mu, logvar = model.encode(x, labels)
+        log_px_z, log_ratio = model.importance_terms(x, labels, mu, logvar, eps)
+    kl = gaussian_kl(mu.float(), logvar.float())
+    c = log_ratio + kl
+    bound = torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - kl
+    return -bound, -log_px_z[0], kl
+
+
+# Decoded samples per forward pass of the importance-weighted step: a batch is split into groups
+# of images so that K samples of each fit, and the gradients of the groups are added up.
+IW_SAMPLES_PER_PASS = 4096
+
+
 def train_step(model: VAE, opt, x, labels, beta: float, noise: torch.Generator,
-               binarize: bool = False, bf16: bool = False, objective_fn=objective) -> torch.Tensor:
-    """One Adam step on a batch; returns [sum of recon, sum of KL] as a device tensor (no sync).
+               binarize: bool = False, bf16: bool = False, objective_fn=objective,
+               iw_k: int = 1) -> torch.Tensor:
+    """One Adam step on a batch; returns [sum of recon, sum of KL] as a device tensor (no sync),
+    and with iw_k > 1 a third entry, the sum of the negative K-sample bound the step minimises.
 
     x: as for `objective` (train.py passes the stored uint8 images); bf16: see `objective`;
-    objective_fn: `objective` itself or `compile_objective()`.
+    objective_fn: `objective` itself or `compile_objective()`; iw_k: importance samples per
+    image (1: the ELBO; more: `iw_objective`, eager, memory bounded by IW_SAMPLES_PER_PASS).
     """
     if binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
         x = torch.bernoulli(to_unit(x), generator=noise)
-    eps = model.draw_eps(len(x), noise, torch.bfloat16 if bf16 else torch.float32)
-    loss, stats = objective_fn(model, x, labels, beta, eps, bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if iw_k == 1:
+        loss, stats = objective_fn(model, x, labels, beta, model.draw_eps(len(x), noise, dtype), bf16)
+        loss.backward()
+    else:
+        b = len(x)
+        eps = model.draw_eps(iw_k * b, noise, dtype).view(iw_k, b, -1)
+        group = max(1, IW_SAMPLES_PER_PASS // iw_k)
+        stats = torch.zeros(3, device=x.device)
+        for i in range(0, b, group):
+            y = None if labels is None else labels[i:i + group]
+            neg_bound, recon, kl = iw_objective(model, x[i:i + group], y, eps[:, i:i + group], bf16)
+            (neg_bound.sum() / b).backward()  # the batch mean, added up group by group
+            stats += torch.stack([recon.detach().sum(), kl.detach().sum(), neg_bound.detach().sum()])
     opt.step()
     return stats
 
