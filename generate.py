@@ -22,7 +22,7 @@ import torch
 from torchvision.utils import save_image
 
 import cli
-from checkpoint import DEFAULT_CHECKPOINT
+from checkpoint import DEFAULT_CHECKPOINT, check_output_path, write_atomic
 from data import NUM_CLASSES, load_test_set
 from model import gaussian_kl
 
@@ -58,10 +58,13 @@ def main(argv=None) -> int:
     if args.digit is not None and not cond:
         raise cli.UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint "
                             "(train with --conditional)")
-    cli.ensure_folder(args.out, "output folder")
-
     # The test digits as the model was trained and evaluated on them (binarized or not).
     test = load_test_set(args.data_dir, "cpu", binarize=bool(ckpt.get("args", {}).get("binarize")))
+    cli.ensure_folder(args.out, "output folder")
+    suffix = "" if args.digit is None else f"_digit{args.digit}"
+    for name in ("reconstructions.png", f"samples{suffix}.png", f"samples_prior{suffix}.png",
+                 "interpolation.png", "traversal.png", "manifold.png"):
+        check_output_path(os.path.join(args.out, name), "image")  # before any work, not half-way
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
     x, y = test.batch(pick[:4 * ROW])
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
 
     def save(name: str, images: torch.Tensor, nrow: int) -> None:
         path = os.path.join(args.out, name)
-        save_image(images.cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
+        write_atomic(path, lambda f: save_image(images.cpu(), f, format="png", nrow=nrow, padding=2,
+                                                pad_value=0.5))
         written.append(path)
 
     with torch.inference_mode():

@@ -330,3 +330,11 @@ def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
     line = cli_error(train.main, [*TINY, "--checkpoint", os.devnull, "--overwrite"], capsys)
     assert "not a regular file" in line
     assert not os.path.exists(os.devnull + ".lock") and not os.path.exists(os.devnull + ".metrics.csv")
+
+
+def test_generate_checks_every_image_path_first(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "traversal.png").mkdir(parents=True)  # the last-but-one image it would write
+    line = cli_error(generate.main, ["--checkpoint", good, "--out", out], capsys)
+    assert "traversal.png" in line and "folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["traversal.png"]  # nothing written before it
