@@ -129,7 +129,8 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
     print(f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} when every digit "
           f"is equally common)")
     if r["digit_accuracy"] is not None:
-        worst = min(range(len(r["digit_accuracy_per_digit"])), key=r["digit_accuracy_per_digit"].__getitem__)
+        per_digit = r["digit_accuracy_per_digit"]
+        worst = min((d for d in range(len(per_digit)) if per_digit[d] is not None), key=per_digit.__getitem__)
         print(f"digit_accuracy {r['digit_accuracy']:.4f}  (samples classified as the digit asked for; lowest: "
               f"digit {worst}, {r['digit_accuracy_per_digit'][worst]:.4f})")
     print(f"nn_samples {r['nn_samples']:.3f}  nn_test_recon {r['nn_test_recon']:.3f}  (median L2 distance "

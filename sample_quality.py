@@ -54,7 +54,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def class_entropy(preds: torch.Tensor, num_classes: int) -> float:
     """Entropy in nats of the histogram of predicted classes."""
     p = torch.bincount(preds, minlength=num_classes).double() / len(preds)
-    return -(p[p > 0] * p[p > 0].log()).sum().item()
+    return -(p[p > 0] * p[p > 0].log()).sum().item() + 0.0  # + 0.0: one class gives 0, not -0
 
 
 @torch.inference_mode()
@@ -105,7 +105,7 @@ def score(model, classifier: DigitClassifier, train_set: TensorDataset, test_set
         "class_entropy": class_entropy(pred_s, classifier.config.num_classes),
         "digit_accuracy": None if labels is None else (pred_s == labels.cpu()).double().mean().item(),
         "digit_accuracy_per_digit": None if labels is None else [
-            (pred_s[labels.cpu() == d] == d).double().mean().item() for d in range(k)],
+            (pred_s[labels.cpu() == d] == d).double().mean().item() if d < n else None for d in range(k)],
         "nn_samples": nearest_distance(samples.flatten(1), train_x, desc="nearest, samples").median().item(),
         "nn_test_recon": nearest_distance(recon.flatten(1), train_x, desc="nearest, recons").median().item(),
         "fd_floor": frechet_distance(f_test, f_train),
