@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     device = cli.pick_device(args.device)
     data = (TensorDataset.load("train", args.data_dir, device, args.limit),
             load_test_set(args.data_dir, device, args.limit, args.binarize))
+    if args.resume:
+        check_position(ckpt, args.checkpoint, args, len(data[0]))
     cli.ensure_folder(os.path.dirname(os.path.abspath(args.checkpoint)), "checkpoint folder")
     with CheckpointLock(args.checkpoint):
         remove_stale_temp_files(args.checkpoint)  # only its own, of processes no longer alive
@@ -307,6 +309,20 @@ def check_resumable(ckpt: dict, path: str, parser: argparse.ArgumentParser) -> N
         raise CheckpointError(f"{path}: bad checkpoint field {first_line(e)}") from None
 
 
+def check_position(ckpt: dict, path: str, args, n: int) -> None:
+    """A mid-epoch checkpoint's step and running sums must fit this run: fewer steps than an epoch
+    of n images has, one column per logged term."""
+    steps = math.ceil(n / args.batch_size)
+    columns = 2 if args.iw_k == 1 else 3
+    partial = ckpt.get("partial")
+    if partial is not None and partial.shape[1] != columns:
+        raise CheckpointError(f"{path}: bad checkpoint field partial: {partial.shape[1]} columns, "
+                              f"this run logs {columns}")
+    if ckpt.get("step", 0) >= steps:
+        raise CheckpointError(f"{path}: bad checkpoint field step: {ckpt['step']}, but an epoch has "
+                              f"{steps} steps")
+
+
 def restore_run_flags(args, parser, stored: dict) -> None:
     """--resume continues the run as it started: its flags replace the command line's."""
     for k in RUN_FLAGS + MODEL_FLAGS:
@@ -335,13 +351,7 @@ def restore_state(run: Run, ckpt: dict) -> None:
         print("note: the checkpoint was written on another kind of device; noise RNG reseeded")
     run.metrics, run.start_epoch = list(ckpt["metrics"]), ckpt["epoch"]
     run.start_step, run.partial = ckpt.get("step", 0), ckpt.get("partial")
-    columns = 2 if run.args.iw_k == 1 else 3
-    if run.partial is not None and run.partial.shape[1] != columns:
-        raise CheckpointError(f"{path}: bad checkpoint field partial: {run.partial.shape[1]} columns, "
-                              f"this run logs {columns}")
-    if run.start_step >= run.steps:
-        raise CheckpointError(f"{path}: bad checkpoint field step: {run.start_step}, but an epoch has "
-                              f"{run.steps} steps")
+    check_position(ckpt, path, run.args, len(run.train_set))
     run.partial_seconds = ckpt.get("partial_seconds", 0.0)
     run.saved = f"the last good checkpoint {path} is untouched"
     where = (f"epoch {run.start_epoch + 1}, step {run.start_step}" if run.start_step

@@ -268,6 +268,12 @@ def variants(c):
                    ("scale_tril", torch.zeros_like(c["latent_mixture"]["scale_tril"]))):
         yield f"latent_mixture.{key}", put(("latent_mixture", key), v), ALL
     yield "metrics epoch", put(("metrics", 0, "epoch"), 5), ALL
+    mid = put(("step",), 10**6)  # well-typed, but more steps than an epoch has
+    mid["partial"] = torch.zeros(10**6, 2)
+    yield "step beyond the epoch", mid, RESUME
+    mid = put(("step",), 1)
+    mid["partial"] = torch.zeros(1, 3)  # three columns: an --iw-k run's, for an ELBO run
+    yield "partial columns", mid, RESUME
     yield "metrics value", put(("metrics", 0, "test_loss"), "x"), ALL
     # The run's flags: train.py --resume reads them all; the other scripts binarize and limit.
     for key, bad in (("batch_size", INT_BAD[:-1]), ("seed", INT_BAD[:-1]), ("lr", FLOAT_BAD),
