@@ -37,7 +37,7 @@ LOG_EVERY = 50  # steps between host syncs (progress bar update and non-finite c
 # Flags that define a run: on --resume they are taken from the checkpoint, not the command line.
 RUN_FLAGS = ("batch_size", "lr", "lr_decay", "seed", "limit", "binarize", "conditional", "beta",
              "kl_warmup", "eval_batch_size", "precision", "iw_k")
-MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "activation")
+MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "activation", "res_blocks")
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
                  "kl_weight", "seconds")
 IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the fully connected hidden layer")
     p.add_argument("--channels", type=cli.number(int, 1, high=MAX_SIZE["channels"]), nargs=2, default=list(d.channels),
                    metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")
+    p.add_argument("--res-blocks", type=cli.number(int, 0, high=MAX_SIZE["res_blocks"]), default=d.res_blocks,
+                   help="residual blocks at each conv resolution, encoder and decoder (conv arch)")
     p.add_argument("--activation", choices=("silu", "relu", "elu"), default=d.activation,
                    help="nonlinearity between layers")
     p.add_argument("--lr-decay", type=cli.number(float, 0.0, low_open=True, high=1.0), default=0.9,
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
     if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup):
         raise cli.UserError("--iw-k above 1 trains on the importance-weighted bound, which has no KL weight: "
                             "leave --beta at 1 and --kl-warmup at 0")
+    if args.arch == "mlp" and args.res_blocks and not args.resume:
+        raise cli.UserError("--res-blocks needs --arch conv: the mlp has no convolutions")
     check_outputs(args.checkpoint)
     device = cli.pick_device(args.device)
     data = (TensorDataset.load("train", args.data_dir, device, args.limit),
@@ -241,7 +245,7 @@ def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset
     else:
         config = VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                            channels=tuple(args.channels), activation=args.activation,
-                           num_classes=NUM_CLASSES if args.conditional else 0)
+                           res_blocks=args.res_blocks, num_classes=NUM_CLASSES if args.conditional else 0)
 
     bf16 = cli.pick_precision(args.precision, device)
     print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
@@ -326,13 +330,13 @@ def check_position(ckpt: dict, path: str, args, n: int) -> None:
 def restore_run_flags(args, parser, stored: dict) -> None:
     """--resume continues the run as it started: its flags replace the command line's."""
     for k in RUN_FLAGS + MODEL_FLAGS:
-        if k not in stored:
-            continue
+        # A flag newer than the checkpoint (--iw-k, --res-blocks) defaults to what runs did before it.
+        value = stored.get(k, parser.get_default(k))
         given = getattr(args, k)
-        if given != parser.get_default(k) and given != stored[k]:
+        if given != parser.get_default(k) and given != value:
             flag = "--" + k.replace("_", "-")
-            print(f"note: {flag} {given} ignored: --resume continues the stored run ({stored[k]})")
-        setattr(args, k, stored[k])
+            print(f"note: {flag} {given} ignored: --resume continues the stored run ({value})")
+        setattr(args, k, value)
 
 
 def restore_state(run: Run, ckpt: dict) -> None:

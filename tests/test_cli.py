@@ -124,3 +124,30 @@ def test_corrupt_checkpoint_gives_one_line(trained, tmp_path):
     for script, args in (("generate.py", []), ("train.py", ["--resume", "--epochs", 3])):
         line = one_line_error(run_script(script, "--checkpoint", bad, *args))
         assert str(bad) in line and "corrupt" in line
+
+
+def test_res_blocks_train_and_resume_a_checkpoint_from_before_the_flag(tmp_path, capsys):
+    """--res-blocks builds the residual model; a checkpoint written before the flag existed (no
+    res_blocks or iw_k in its config and flags) resumes as the plain model it is."""
+    deep = tmp_path / "deep.pt"
+    assert train.main([*TINY, "--epochs", "1", "--res-blocks", "1", "--checkpoint", str(deep)]) == 0
+    c = load_checkpoint(deep)
+    assert c["model_config"]["res_blocks"] == 1 and c["args"]["res_blocks"] == 1
+    assert VAE.from_checkpoint(deep).config.res_blocks == 1
+
+    old = tmp_path / "old.pt"
+    assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(old)]) == 0
+    c = load_checkpoint(old)
+    for d, key in ((c["args"], "res_blocks"), (c["args"], "iw_k"), (c["model_config"], "res_blocks")):
+        del d[key]
+    torch.save(c, old)
+    assert train.main(["--epochs", "2", "--checkpoint", str(old), "--resume"]) == 0
+    c = load_checkpoint(old)
+    assert c["epoch"] == 2 and c["args"]["res_blocks"] == 0 and c["args"]["iw_k"] == 1
+    assert c["model_config"]["res_blocks"] == 0
+
+
+def test_res_blocks_need_the_conv_arch(tmp_path):
+    line = one_line_error(run_script("train.py", "--arch", "mlp", "--res-blocks", 1,
+                                     "--checkpoint", tmp_path / "m.pt"))
+    assert "--res-blocks" in line and not (tmp_path / "m.pt").exists()

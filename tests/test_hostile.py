@@ -249,8 +249,8 @@ def variants(c):
                 continue  # None is valid: no mixture
             lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
-    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes"):
-        for v in INT_BAD + [0 if key != "num_classes" else 7, 10**17]:
+    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
+        for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks") else 7, 10**17]:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
     for key in ("arch", "activation"):
         for v in STR_BAD:
@@ -280,7 +280,7 @@ def variants(c):
                      ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
                      ("eval_batch_size", INT_BAD[:-1]), ("limit", ["x", -1, 2.5, True]),
                      ("precision", STR_BAD[:2]), ("latent_dim", [10**17, "x"]), ("arch", ["x"]),
-                     ("channels", [[1], "x"]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
+                     ("channels", [[1], "x"]), ("res_blocks", [-1, "x"]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
         for v in bad:
             yield f"args.{key}={v!r}", put(("args", key), v), ALL if key in ("binarize", "limit") else RESUME
     state = c["optimizer"]["state"][0]

@@ -7,7 +7,7 @@ SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)
 
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
-                                 VAEConfig(**SMALL, num_classes=10), VAEConfig()])
+                                 VAEConfig(**SMALL, num_classes=10), VAEConfig(**SMALL, res_blocks=2), VAEConfig()])
 def test_shapes(cfg):
     torch.manual_seed(0)
     m = VAE(cfg)
@@ -84,7 +84,8 @@ def test_labels_are_checked():
 def test_config_round_trip_and_validation():
     c = VAEConfig(**SMALL, num_classes=10, activation="silu")
     assert VAEConfig.from_dict(c.to_dict()) == c
-    for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh")):
+    for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh"),
+                dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -136,3 +137,17 @@ def test_training_objective_traces_as_one_graph(bf16):
     # fullgraph=True raises at any graph break
     torch.compile(objective, backend=count_graphs, fullgraph=True)(m, x, None, 1.0, eps, bf16)
     assert len(graphs) == 1
+
+
+def test_res_blocks_add_layers_and_leave_the_default_weights_alone():
+    """res_blocks = 0 is the model every earlier checkpoint holds: same parameter names and shapes.
+    Each block adds two 3x3 convolutions at each resolution, in encoder and decoder."""
+    plain = VAE(VAEConfig(**SMALL))
+    assert VAE(VAEConfig(**SMALL, res_blocks=0)).state_dict().keys() == plain.state_dict().keys()
+    deep = VAE(VAEConfig(**SMALL, res_blocks=2))
+    c1, c2 = SMALL["channels"]
+    per_block = {c: 2 * (c * c * 9 + c) for c in (c1, c2)}  # two 3x3 convs with biases
+    extra = sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * 2 * (per_block[c1] + per_block[c2])  # 2 blocks, encoder + decoder
+    x = torch.rand(3, 1, 28, 28)
+    assert deep.loss(x).total.isfinite()
