@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -185,8 +186,13 @@ def main(argv=None) -> int:
     if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup):
         raise cli.UserError("--iw-k above 1 trains on the importance-weighted bound, which has no KL weight: "
                             "leave --beta at 1 and --kl-warmup at 0")
-    if args.arch == "mlp" and args.res_blocks and not args.resume:
-        raise cli.UserError("--res-blocks needs --arch conv: the mlp has no convolutions")
+    if not args.resume:
+        try:  # flags the model config refuses together (--res-blocks with --arch mlp), up front
+            model_config(args)
+        except ValueError as e:  # the config names its fields; the user typed flags
+            message = re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
+                             lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+            raise cli.UserError(message) from None
     check_outputs(args.checkpoint)
     device = cli.pick_device(args.device)
     data = (TensorDataset.load("train", args.data_dir, device, args.limit),
@@ -226,6 +232,13 @@ class Run:
         return math.ceil(len(self.train_set) / self.args.batch_size)
 
 
+def model_config(args) -> VAEConfig:
+    """The model a new run builds from its flags; ValueError for a combination the config refuses."""
+    return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
+                     channels=tuple(args.channels), activation=args.activation,
+                     res_blocks=args.res_blocks, num_classes=NUM_CLASSES if args.conditional else 0)
+
+
 def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset,
                     test_set: TensorDataset) -> Run | None:
     """A new run from the flags, or the run stored in --checkpoint (--resume) with its own flags,
@@ -243,9 +256,7 @@ def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset
                   f"{ckpt['epoch']} to train on")
             return None
     else:
-        config = VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
-                           channels=tuple(args.channels), activation=args.activation,
-                           res_blocks=args.res_blocks, num_classes=NUM_CLASSES if args.conditional else 0)
+        config = model_config(args)
 
     bf16 = cli.pick_precision(args.precision, device)
     print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
