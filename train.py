@@ -43,6 +43,7 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", 
                  "kl_weight", "seconds")
 IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test
 MAX_IW_K = 5000
+BEFORE_FLAG = {"iw_k": 1, "res_blocks": 0}  # what runs did before these flags existed
 
 
 class TrainingError(cli.UserError):
@@ -52,7 +53,7 @@ class TrainingError(cli.UserError):
 def build_parser() -> argparse.ArgumentParser:
     d = VAEConfig()
     p = cli.Parser(description="Train a VAE on MNIST.")
-    p.add_argument("--epochs", type=cli.number(int, 1, high=MAX_EPOCHS), default=20, help="total epochs to train")
+    p.add_argument("--epochs", type=cli.number(int, 1, high=MAX_EPOCHS), default=10, help="total epochs to train")
     p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=128, help="images per step")
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="Adam learning rate")
     p.add_argument("--latent-dim", type=cli.number(int, 1, high=MAX_SIZE["latent_dim"]), default=d.latent_dim,
@@ -63,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the fully connected hidden layer")
     p.add_argument("--channels", type=cli.number(int, 1, high=MAX_SIZE["channels"]), nargs=2, default=list(d.channels),
                    metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")
-    p.add_argument("--res-blocks", type=cli.number(int, 0, high=MAX_SIZE["res_blocks"]), default=d.res_blocks,
-                   help="residual blocks at each conv resolution, encoder and decoder (conv arch)")
+    p.add_argument("--res-blocks", type=cli.number(int, 0, high=MAX_SIZE["res_blocks"]), default=None,
+                   help="residual blocks at each conv resolution, encoder and decoder (default: 1 with "
+                        "the conv arch, 0 with mlp)")
     p.add_argument("--activation", choices=("silu", "relu", "elu"), default=d.activation,
                    help="nonlinearity between layers")
-    p.add_argument("--lr-decay", type=cli.number(float, 0.0, low_open=True, high=1.0), default=0.9,
+    p.add_argument("--lr-decay", type=cli.number(float, 0.0, low_open=True, high=1.0), default=0.8,
                    help="multiply the learning rate by this every epoch (smoothly, per step)")
     p.add_argument("--seed", type=cli.seed, default=0, help="seeds init, shuffling and noise")
     cli.add_device_flag(p)
@@ -257,6 +259,7 @@ def start_or_resume(args, parser, device: torch.device, train_set: TensorDataset
             return None
     else:
         config = model_config(args)
+    args.res_blocks = config.res_blocks  # the number the model has (the flag's default is None)
 
     bf16 = cli.pick_precision(args.precision, device)
     print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
@@ -341,8 +344,8 @@ def check_position(ckpt: dict, path: str, args, n: int) -> None:
 def restore_run_flags(args, parser, stored: dict) -> None:
     """--resume continues the run as it started: its flags replace the command line's."""
     for k in RUN_FLAGS + MODEL_FLAGS:
-        # A flag newer than the checkpoint (--iw-k, --res-blocks) defaults to what runs did before it.
-        value = stored.get(k, parser.get_default(k))
+        # A flag newer than the checkpoint takes what runs did before it: K = 1, no residual blocks.
+        value = stored.get(k, BEFORE_FLAG.get(k, parser.get_default(k)))
         given = getattr(args, k)
         if given != parser.get_default(k) and given != value:
             flag = "--" + k.replace("_", "-")

@@ -127,16 +127,17 @@ def test_corrupt_checkpoint_gives_one_line(trained, tmp_path):
 
 
 def test_res_blocks_train_and_resume_a_checkpoint_from_before_the_flag(tmp_path, capsys):
-    """--res-blocks builds the residual model; a checkpoint written before the flag existed (no
-    res_blocks or iw_k in its config and flags) resumes as the plain model it is."""
+    """The conv model has one residual block per resolution unless --res-blocks says otherwise;
+    the checkpoint stores the number. A checkpoint written before the flag existed (no res_blocks
+    or iw_k in its config and flags) resumes as the plain model it is."""
     deep = tmp_path / "deep.pt"
-    assert train.main([*TINY, "--epochs", "1", "--res-blocks", "1", "--checkpoint", str(deep)]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(deep)]) == 0
     c = load_checkpoint(deep)
     assert c["model_config"]["res_blocks"] == 1 and c["args"]["res_blocks"] == 1
     assert VAE.from_checkpoint(deep).config.res_blocks == 1
 
     old = tmp_path / "old.pt"
-    assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(old)]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--res-blocks", "0", "--checkpoint", str(old)]) == 0
     c = load_checkpoint(old)
     for d, key in ((c["args"], "res_blocks"), (c["args"], "iw_k"), (c["model_config"], "res_blocks")):
         del d[key]

@@ -7,7 +7,8 @@ SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)
 
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
-                                 VAEConfig(**SMALL, num_classes=10), VAEConfig(**SMALL, res_blocks=2), VAEConfig()])
+                                 VAEConfig(**SMALL, num_classes=10), VAEConfig(**SMALL, res_blocks=0),
+                                 VAEConfig(**SMALL, res_blocks=2), VAEConfig()])
 def test_shapes(cfg):
     torch.manual_seed(0)
     m = VAE(cfg)
@@ -140,10 +141,15 @@ def test_training_objective_traces_as_one_graph(bf16):
 
 
 def test_res_blocks_add_layers_and_leave_the_default_weights_alone():
-    """res_blocks = 0 is the model every earlier checkpoint holds: same parameter names and shapes.
-    Each block adds two 3x3 convolutions at each resolution, in encoder and decoder."""
-    plain = VAE(VAEConfig(**SMALL))
-    assert VAE(VAEConfig(**SMALL, res_blocks=0)).state_dict().keys() == plain.state_dict().keys()
+    """res_blocks = 0 is the model every earlier checkpoint holds, and what a saved config without
+    the key builds. The conv default is one block, mlp has none. Each block adds two 3x3
+    convolutions at each resolution, in encoder and decoder."""
+    plain = VAE(VAEConfig(**SMALL, res_blocks=0))
+    assert VAEConfig(**SMALL).res_blocks == 1 and VAEConfig(arch="mlp").res_blocks == 0
+    old = {k: v for k, v in VAEConfig(**SMALL, res_blocks=0).to_dict().items() if k != "res_blocks"}
+    assert VAE(VAEConfig.from_dict(old)).state_dict().keys() == plain.state_dict().keys()
+    with pytest.raises(ValueError, match="res_blocks"):
+        VAEConfig.from_dict({**old, "res_blocks": None})  # a saved config holds the number
     deep = VAE(VAEConfig(**SMALL, res_blocks=2))
     c1, c2 = SMALL["channels"]
     per_block = {c: 2 * (c * c * 9 + c) for c in (c1, c2)}  # two 3x3 convs with biases
