@@ -40,13 +40,14 @@ def evaluate_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int,
 
 @torch.inference_mode()
 def importance_nll(model: VAE, data: TensorDataset, k: int, chunk: int, batch_size: int, seed: int,
-                   conditional: bool) -> float:
-    """Mean of -log p(x) over `data`, in nats per image, K importance samples per image."""
+                   conditional: bool, prior: dict | None = None) -> float:
+    """Mean of -log p(x) over `data`, in nats per image, K importance samples per image; `prior`:
+    p(z) as in VAE.importance_terms (None: N(0, I))."""
     gen = torch.Generator(device=data.images.device).manual_seed(seed)
     total = torch.zeros((), dtype=torch.float64, device=data.images.device)
     bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)
     for x, y in data.batches(batch_size):
-        ll = model.log_likelihood(x, y if conditional else None, k=k, chunk=chunk, generator=gen)
+        ll = model.log_likelihood(x, y if conditional else None, k=k, chunk=chunk, generator=gen, prior=prior)
         total += ll.double().sum()
         bar.update(len(x))
     bar.close()

@@ -10,6 +10,10 @@ per digit.
 Stored as plain tensors (`to_dict`), so a checkpoint holding one loads with weights_only=True:
   weights [G, K], means [G, K, d], scale_tril [G, K, d, d]  (G groups: 1, or one per digit)
 The model samples through it; train.py (when training ends) and fit_mixture.py fit it.
+
+Fitted instead to one posterior sample z ~ q(z|x) per training image, a mixture also serves as a
+learned prior p(z) for the likelihood (`evaluate.py --prior-components`): the decoder with a
+prior fitted to its aggregate posterior, a two-stage model as in Dai & Wipf 2019.
 """
 
 from __future__ import annotations
@@ -45,9 +49,14 @@ def _log_normal(x: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) 
     return -0.5 * maha - half_logdet - 0.5 * d * math.log(2 * math.pi)
 
 
+def log_density(x: torch.Tensor, weights, means, scale_tril) -> torch.Tensor:
+    """Log-density of each point x [N, d] under one mixture (weights [K], means [K, d], ...): [N]."""
+    return torch.logsumexp(_log_normal(x, means, scale_tril) + weights.log(), dim=1)
+
+
 def log_likelihood(x: torch.Tensor, weights, means, scale_tril) -> torch.Tensor:
-    """Mean log-density of the points x [N, d] under one mixture (weights [K], means [K, d], ...)."""
-    return torch.logsumexp(_log_normal(x, means, scale_tril) + weights.log(), dim=1).mean()
+    """Mean log-density of the points x [N, d] under one mixture."""
+    return log_density(x, weights, means, scale_tril).mean()
 
 
 def _m_step(counts, sum_x, sum_xx, floor):
@@ -172,18 +181,23 @@ def default_components(num_classes: int) -> int:
 
 @torch.inference_mode()
 def fit_to_model(model, images: torch.Tensor, labels: torch.Tensor, components: int, seed: int = 0,
-                 batch_size: int = 500) -> dict:
+                 batch_size: int = 500, posterior_samples: bool = False) -> dict:
     """Fit the latent mixture of a VAE (model.VAE) to the posterior means of `images` (uint8 or
-    [0, 1] floats, [N, C, H, W]; `labels` [N] for a conditional model, one mixture per class).
+    [0, 1] floats, [N, C, H, W]; `labels` [N] for a conditional model, one mixture per class), or
+    with posterior_samples to one seeded draw z ~ q(z|x) per image (a prior for the likelihood).
     Returns {"weights", "means", "scale_tril"} for model.set_latent_mixture, on the CPU."""
     was_training = model.training
     model.eval()
     k = model.config.num_classes
+    noise = torch.Generator(device=model.device).manual_seed(seed)
     mus = []
     for i in range(0, len(images), batch_size):
         x = to_unit(images[i:i + batch_size].to(model.device))
         y = labels[i:i + batch_size].to(model.device) if k else None
-        mus.append(model.encode(x, y)[0].float().cpu())
+        mu, logvar = model.encode(x, y)
+        if posterior_samples:
+            mu = model.reparameterize(mu, logvar, generator=noise)
+        mus.append(mu.float().cpu())
     model.train(was_training)
     mu = torch.cat(mus)
     groups = [mu] if k == 0 else [mu[labels.cpu() == g] for g in range(k)]

@@ -353,12 +353,14 @@ class VAE(nn.Module):
         mu, _ = self.encode(x.to(self.device), labels)
         return torch.sigmoid(self.decode(mu, labels))
 
-    def importance_terms(self, x, labels, mu, logvar, eps):
+    def importance_terms(self, x, labels, mu, logvar, eps, prior: dict | None = None):
         """The two parts of the log importance weights of K posterior samples per image:
         (log p(x|z_k), log p(z_k) - log q(z_k|x)), each [K, B], for z_k = mu + sigma * eps_k.
 
         x: [B, C, H, W]; mu, logvar: the encoder's [B, d]; eps: [K, B, d]. Their sum is the log
         weight of Burda et al. (2015), eq. 8; computed in fp32 whatever the decoder's precision.
+        prior: None for N(0, I), or one mixture {"weights" [M], "means" [M, d], "scale_tril"
+        [M, d, d]} (mixture.py) as p(z).
         """
         k, b, d = eps.shape
         z = self.reparameterize(mu, logvar, eps=eps)  # [K, B, d]
@@ -367,16 +369,21 @@ class VAE(nn.Module):
         target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         log_px_z = -bernoulli_nll(logits.float(), target.float()).view(k, b)
         log_q = (-0.5 * (eps.float().pow(2) + logvar.float() + LOG_2PI)).sum(-1)
-        log_p_z = (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
+        if prior is None:
+            log_p_z = (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
+        else:
+            log_p_z = mixture.log_density(z.reshape(k * b, d).double(), *(
+                prior[name].double() for name in ("weights", "means", "scale_tril"))).float().view(k, b)
         return log_px_z, log_p_z - log_q
 
     @torch.no_grad()
     def log_likelihood(self, x, labels=None, k: int = 1000, chunk: int = 10,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, prior: dict | None = None) -> torch.Tensor:
         """Importance-sampled log p(x) per image, [B] (Burda et al. 2015, eq. 8):
 
         log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
-        Samples are drawn `chunk` at a time so memory stays bounded whatever K is.
+        Samples are drawn `chunk` at a time so memory stays bounded whatever K is. prior: p(z) as
+        in `importance_terms` (default N(0, I), the prior the model was trained with).
         """
         for name, v in (("k", k), ("chunk", chunk)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -391,7 +398,7 @@ class VAE(nn.Module):
         while done < k:
             m = min(chunk, k - done)
             eps = torch.randn(m, b, d, generator=generator, device=mu.device)
-            log_px_z, log_ratio = self.importance_terms(x, labels, mu, logvar, eps)
+            log_px_z, log_ratio = self.importance_terms(x, labels, mu, logvar, eps, prior)
             total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
             done += m
         return total - math.log(k)

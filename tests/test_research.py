@@ -9,6 +9,7 @@ from PIL import Image
 
 import evaluate
 import generate
+import mixture
 import train
 import training
 from checkpoint import load_checkpoint
@@ -87,6 +88,33 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert abs(r["neg_elbo"] - r["recon"] - r["kl"]) < 1e-6
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "missing.pt"], capsys)
     assert "no such checkpoint" in line
+
+
+def test_a_standard_normal_mixture_prior_is_the_standard_prior(mnist_subset):
+    """A one-component mixture with mean 0 and identity covariance is N(0, I): the same NLL; a
+    prior fitted to the posterior samples of the training images gives a valid, different one."""
+    x = mnist_subset[0][:32]
+    m = fit(x, latent_dim=3, steps=50)
+    standard = {"weights": torch.ones(1), "means": torch.zeros(1, 3), "scale_tril": torch.eye(3)[None]}
+    same = [m.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0), prior=p)
+            for p in (None, standard)]
+    assert torch.allclose(same[0], same[1], atol=1e-4)
+    fitted = mixture.fit_to_model(m, mnist_subset[0], mnist_subset[1], 4, posterior_samples=True)
+    prior = {name: t[0] for name, t in fitted.items()}
+    ll = m.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0), prior=prior)
+    assert ll.isfinite().all() and not torch.allclose(ll, same[0])
+
+
+def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys):
+    out = tmp_path / "nll.json"
+    assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
+                          "--prior-components", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
+    assert "mixture prior" in capsys.readouterr().out
+    line = cli_error(evaluate.main, ["--checkpoint", binarized_run, "--prior-components", "3",
+                                     "--sample-quality"], capsys)
+    assert "--prior-components" in line
 
 
 def test_binarized_test_set_is_fixed_and_binary():
