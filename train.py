@@ -53,7 +53,7 @@ class TrainingError(cli.UserError):
 def build_parser() -> argparse.ArgumentParser:
     d = VAEConfig()
     p = cli.Parser(description="Train a VAE on MNIST.")
-    p.add_argument("--epochs", type=cli.number(int, 1, high=MAX_EPOCHS), default=10, help="total epochs to train")
+    p.add_argument("--epochs", type=cli.number(int, 1, high=MAX_EPOCHS), default=20, help="total epochs to train")
     p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=128, help="images per step")
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="Adam learning rate")
     p.add_argument("--latent-dim", type=cli.number(int, 1, high=MAX_SIZE["latent_dim"]), default=d.latent_dim,
