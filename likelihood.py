@@ -43,12 +43,19 @@ def importance_nll(model: VAE, data: TensorDataset, k: int, chunk: int, batch_si
                    conditional: bool, prior: dict | None = None) -> float:
     """Mean of -log p(x) over `data`, in nats per image, K importance samples per image; `prior`:
     p(z) as in VAE.importance_terms (None: N(0, I))."""
+    return importance_nlls(model, data, k, chunk, batch_size, seed, conditional, (prior,))[0]
+
+
+@torch.inference_mode()
+def importance_nlls(model: VAE, data: TensorDataset, k: int, chunk: int, batch_size: int, seed: int,
+                    conditional: bool, priors=(None,)) -> list[float]:
+    """importance_nll under each of `priors`, from one set of samples (one pass of the decoder)."""
     gen = torch.Generator(device=data.images.device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=data.images.device)
+    total = torch.zeros(len(priors), dtype=torch.float64, device=data.images.device)
     bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)
     for x, y in data.batches(batch_size):
-        ll = model.log_likelihood(x, y if conditional else None, k=k, chunk=chunk, generator=gen, prior=prior)
-        total += ll.double().sum()
+        ll = model.log_likelihoods(x, y if conditional else None, k=k, chunk=chunk, generator=gen, priors=priors)
+        total += ll.double().sum(1)
         bar.update(len(x))
     bar.close()
-    return -total.item() / len(data)
+    return (-total / len(data)).tolist()

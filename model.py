@@ -362,6 +362,12 @@ class VAE(nn.Module):
         prior: None for N(0, I), or one mixture {"weights" [M], "means" [M, d], "scale_tril"
         [M, d, d]} (mixture.py) as p(z).
         """
+        log_px_z, log_ratios = self._importance_terms(x, labels, mu, logvar, eps, (prior,))
+        return log_px_z, log_ratios[0]
+
+    def _importance_terms(self, x, labels, mu, logvar, eps, priors):
+        """importance_terms for several priors at once: the decoder (the costly part) runs once.
+        Returns log p(x|z) [K, B] and log p(z) - log q(z|x) [P, K, B], one row per prior."""
         k, b, d = eps.shape
         z = self.reparameterize(mu, logvar, eps=eps)  # [K, B, d]
         # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
@@ -369,12 +375,14 @@ class VAE(nn.Module):
         target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         log_px_z = -bernoulli_nll(logits.float(), target.float()).view(k, b)
         log_q = (-0.5 * (eps.float().pow(2) + logvar.float() + LOG_2PI)).sum(-1)
-        if prior is None:
-            log_p_z = (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
-        else:
-            log_p_z = mixture.log_density(z.reshape(k * b, d).double(), *(
-                prior[name].double() for name in ("weights", "means", "scale_tril"))).float().view(k, b)
-        return log_px_z, log_p_z - log_q
+        log_p_z = []
+        for prior in priors:
+            if prior is None:
+                log_p_z.append((-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1))
+            else:
+                log_p_z.append(mixture.log_density(z.reshape(k * b, d).double(), *(
+                    prior[name].double() for name in ("weights", "means", "scale_tril"))).float().view(k, b))
+        return log_px_z, torch.stack(log_p_z) - log_q
 
     @torch.no_grad()
     def log_likelihood(self, x, labels=None, k: int = 1000, chunk: int = 10,
@@ -385,6 +393,13 @@ class VAE(nn.Module):
         Samples are drawn `chunk` at a time so memory stays bounded whatever K is. prior: p(z) as
         in `importance_terms` (default N(0, I), the prior the model was trained with).
         """
+        return self.log_likelihoods(x, labels, k, chunk, generator, priors=(prior,))[0]
+
+    @torch.no_grad()
+    def log_likelihoods(self, x, labels=None, k: int = 1000, chunk: int = 10,
+                        generator: torch.Generator | None = None, priors=(None,)) -> torch.Tensor:
+        """log_likelihood under each of several priors p(z), [P, B], from the same K samples (so the
+        decoder runs once, and row p equals log_likelihood(..., prior=priors[p]) for the same noise)."""
         for name, v in (("k", k), ("chunk", chunk)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -393,13 +408,13 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         b, d = mu.shape
-        total = torch.full((b,), -math.inf, device=mu.device)
+        total = torch.full((len(priors), b), -math.inf, device=mu.device)
         done = 0
         while done < k:
             m = min(chunk, k - done)
             eps = torch.randn(m, b, d, generator=generator, device=mu.device)
-            log_px_z, log_ratio = self.importance_terms(x, labels, mu, logvar, eps, prior)
-            total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
+            log_px_z, log_ratios = self._importance_terms(x, labels, mu, logvar, eps, priors)
+            total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratios, dim=1))
             done += m
         return total - math.log(k)
 

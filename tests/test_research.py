@@ -103,6 +103,10 @@ def test_a_standard_normal_mixture_prior_is_the_standard_prior(mnist_subset):
     prior = {name: t[0] for name, t in fitted.items()}
     ll = m.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0), prior=prior)
     assert ll.isfinite().all() and not torch.allclose(ll, same[0])
+    # both priors scored from one set of samples: each row is that prior's own log_likelihood
+    both = m.log_likelihoods(x, k=50, chunk=7, generator=torch.Generator().manual_seed(0), priors=(None, prior))
+    assert both.shape == (2, 32)
+    assert torch.allclose(both[0], same[0], atol=1e-4) and torch.allclose(both[1], ll, atol=1e-4)
 
 
 def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys):
@@ -112,6 +116,10 @@ def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
     assert "mixture prior" in capsys.readouterr().out
+    # the N(0, I) figure does not depend on whether a fitted prior is scored beside it
+    assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
+                          "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["nll"] == pytest.approx(r["nll"], abs=1e-9)
     line = cli_error(evaluate.main, ["--checkpoint", binarized_run, "--prior-components", "3",
                                      "--sample-quality"], capsys)
     assert "--prior-components" in line
