@@ -13,10 +13,11 @@ checkpoint was trained with --binarize.
 
 --prior-components M also reports the NLL of the same decoder under a learned prior: an M-component
 full-covariance mixture (mixture.py) fitted to one posterior sample z ~ q(z|x) of each training
-image (binarized once, if the model was trained binarized), used as p(z) in the same weights. The
-N(0, I) prior is what the model was trained against; the gap between the two is the part of the
-NLL that comes from the prior not matching the aggregate posterior (Hoffman & Johnson 2016, "ELBO
-surgery"; the two-stage idea of Dai & Wipf 2019).
+image (binarized once, if the model was trained binarized), used as p(z) in the same weights (the
+same samples: the decoder runs once for both priors). The N(0, I) prior is what the model was
+trained against; the gap between the two is the part of the NLL that comes from the prior not
+matching the aggregate posterior (Hoffman & Johnson 2016, "ELBO surgery"; the two-stage idea of
+Dai & Wipf 2019).
 
 --sample-quality scores 10,000 samples instead (sample_quality.py says what each figure means):
 fd, fd_prior, class_entropy, digit_accuracy, nn_samples, nn_test_recon, and the floors fd_floor
