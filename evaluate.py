@@ -12,14 +12,14 @@ memory stays bounded for any K. The test set is binarized exactly as in training
 checkpoint was trained with --binarize.
 
 --prior-components M also reports the NLL of the same decoder under a learned prior: an M-component
-full-covariance mixture (mixture.py) fitted to one posterior sample z ~ q(z|x) of each training
+full-covariance mixture (lib/mixture.py) fitted to one posterior sample z ~ q(z|x) of each training
 image (binarized once, if the model was trained binarized), used as p(z) in the same weights (the
 same samples: the decoder runs once for both priors). The N(0, I) prior is what the model was
 trained against; the gap between the two is the part of the NLL that comes from the prior not
 matching the aggregate posterior (Hoffman & Johnson 2016, "ELBO surgery"; the two-stage idea of
 Dai & Wipf 2019).
 
---sample-quality scores 10,000 samples instead (sample_quality.py says what each figure means):
+--sample-quality scores 10,000 samples instead (lib/evaluation.py says what each figure means):
 fd, fd_prior, class_entropy, digit_accuracy, nn_samples, nn_test_recon, and the floors fd_floor
 and nn_test of the test images themselves.
 """
@@ -31,44 +31,41 @@ import math
 import sys
 import time
 
-import cli
-import mixture
-from checkpoint import DEFAULT_CHECKPOINT, check_output_path, write_atomic
-from classifier import DEFAULT_WEIGHTS, load_classifier
-from data import BINARIZE_SEED, TensorDataset, load_test_set
-from likelihood import evaluate_elbo, importance_nlls
-from model import VAE
-from sample_quality import score
+from lib import cli
+from lib.checks import UserError
+from lib.classifier import DEFAULT_WEIGHTS, load_classifier
+from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
+from lib.evaluation import importance_nll, negative_elbo, sample_scores
+from lib.files import check_output_path, write_atomic
+from lib.mixture import MAX_COMPONENTS, fit_to_model
+from model import VAE, GaussianMixture
 
 
-def build_parser():
-    p = cli.Parser(description="Importance-sampled test NLL of a trained VAE (Burda et al. 2015), "
-                               "or the quality of its samples (--sample-quality).")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
-    p.add_argument("--k", type=cli.number(int, 1, high=1_000_000), default=1000,
+def build_parser() -> cli.Parser:
+    p = cli.Parser("Importance-sampled test NLL of a trained VAE (Burda et al. 2015), or the quality "
+                   "of its samples (--sample-quality).")
+    cli.add_common(p, seed_help="seeds the samples")
+    p.add_argument("--k", type=cli.Number(int, 1, 1_000_000), default=1000,
                    help="importance samples per image (5000 is the IWAE paper's protocol)")
-    # 10 x 100 images keeps each decoder activation under glibc's 32 MiB mmap threshold: at 100
-    # every pass page-faulted its memory back in, and evaluation took twice as long (same NLL).
-    p.add_argument("--chunk", type=cli.positive_int, default=10,
+    # 10 x 100 images keeps each decoder activation under glibc's 32 MiB mmap threshold
+    # (cli.keep_freed_memory): larger passes page-fault their memory back in every time.
+    p.add_argument("--chunk", type=cli.POSITIVE_INT, default=10,
                    help="samples decoded at once per image (bounds memory; chunk x batch size decodes per pass)")
-    p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=100, help="test images at once")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N test images")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the samples")
+    p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=100, help="test images at once")
+    p.add_argument("--limit", type=cli.POSITIVE_INT, default=None, help="only the first N test images")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--prior-components", type=cli.number(int, 0, high=mixture.MAX_COMPONENTS), default=0,
+    p.add_argument("--prior-components", type=cli.Number(int, 0, MAX_COMPONENTS), default=0,
                    help="also the NLL with a mixture of this many components fitted to the training "
                         "set's posterior samples as the prior (unconditional models; 0: only N(0, I))")
     p.add_argument("--sample-quality", action="store_true",
                    help="score samples instead of the likelihood: Fréchet distance in the shipped "
                         "classifier's features, class entropy, digit accuracy, nearest-neighbour distances")
-    p.add_argument("--samples", type=cli.number(int, 2, high=100_000), default=10_000,
+    p.add_argument("--samples", type=cli.Number(int, 2, 100_000), default=10_000,
                    help="samples drawn by --sample-quality")
     p.add_argument("--classifier", default=DEFAULT_WEIGHTS,
                    help="classifier weights for --sample-quality (default: the shipped weights/mnist_classifier.pt)")
     p.add_argument("--no-sha256-check", action="store_true",
                    help="accept a --classifier other than the shipped one (scores are then not comparable)")
-    cli.add_device_flag(p)
-    cli.add_data_dir_flag(p)
     return p
 
 
@@ -76,22 +73,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.keep_freed_memory()
     if args.json is not None:
-        check_output_path(args.json, "JSON results")  # before the work, not after it
+        check_output_path(args.json, "JSON results", devices_ok=True)  # before the work, not after it
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
-    binarize = bool(ckpt.get("args", {}).get("binarize"))
+    binarize = ckpt["args"]["binarize"]
     conditional = model.config.num_classes > 0
     if args.sample_quality:
         if args.prior_components:
-            raise cli.UserError("--prior-components applies to the likelihood, not to --sample-quality")
+            raise UserError("--prior-components applies to the likelihood, not to --sample-quality")
         return sample_quality(args, model, ckpt, device)
     if args.prior_components and conditional:
-        raise cli.UserError("--prior-components needs an unconditional model; this one is conditional")
+        raise UserError("--prior-components needs an unconditional model; this one is conditional")
     need = decode_bytes(model) * args.chunk * args.batch_size
     free = cli.free_memory(device)
     if free is not None and need > free:
-        raise cli.UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
-                            f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
+        raise UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
+                        f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
     test = load_test_set(args.data_dir, device, args.limit, binarize)
     print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}), {len(test):,} test images, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
@@ -102,16 +99,15 @@ def main(argv=None) -> int:
         train = TensorDataset.load("train", args.data_dir, device)
         if binarize:
             train = train.binarized(BINARIZE_SEED + 1)  # one draw, not the test set's
-        fitted = mixture.fit_to_model(model, train.images, train.labels, args.prior_components,
-                                      args.seed, posterior_samples=True)
-        priors.append({name: t[0].to(device) for name, t in fitted.items()})
+        fitted = fit_to_model(model, train.images, train.labels, args.prior_components, args.seed,
+                              posterior_samples=True)
+        priors.append(GaussianMixture(**fitted).to(device))
         fit_seconds = time.perf_counter() - t0
         del train
-    elbo = evaluate_elbo(model, test, args.batch_size, args.seed, conditional)
-    # one pass of the decoder scores every prior: the N(0, I) figure is the same with or without
-    # --prior-components (same seed, same samples)
-    nll, *nll_prior = importance_nlls(model, test, args.k, args.chunk, args.batch_size, args.seed,
-                                      conditional, priors)
+    elbo = negative_elbo(model, test, args.batch_size, args.seed)
+    # One pass of the decoder scores every prior: the N(0, I) figure is the same with or without
+    # --prior-components (same seed, same samples).
+    nll, *nll_prior = importance_nll(model, test, args.k, args.chunk, args.batch_size, args.seed, priors)
     result = {
         "checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "k": args.k, "images": len(test),
         "protocol": "binarized" if binarize else "grey-level", "conditional": conditional,
@@ -150,7 +146,7 @@ def decode_bytes(model: VAE) -> int:
 
 
 def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
-    """--sample-quality: the scores of sample_quality.score, printed and written to --json."""
+    """--sample-quality: the scores of lib.evaluation.sample_scores, printed and written to --json."""
     classifier = load_classifier(args.classifier, device, check_sha256=not args.no_sha256_check)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit)
@@ -158,7 +154,7 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
     print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}): {args.samples:,} samples from "
           f"{source} against {len(test_set):,} test images")
     t0 = time.perf_counter()
-    r = score(model, classifier, train_set, test_set, args.samples, args.seed)
+    r = sample_scores(model, classifier, train_set, test_set, args.samples, args.seed)
     r = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "mixture": model.latent_mixture is not None,
          **r, "seconds": time.perf_counter() - t0}
     print(f"fd {r['fd']:.2f}  (Fréchet distance to the test images; prior samples: fd_prior "

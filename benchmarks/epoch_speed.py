@@ -5,18 +5,20 @@
 Full epochs of 60,000 images at batch 128 with Adam (lr 1e-3), same model and same loss, in
 three pipelines:
 - project: what train.py does. MNIST decoded once into a uint8 tensor on the device, batches
-  drawn by indexing a random permutation and converted to float per batch; training.train_step:
-  bf16 autocast where the hardware has native bf16, fused Adam, no host sync per step.
+  drawn by indexing a random permutation and converted to float per batch; train.py's step
+  (`project_step` below): bf16 autocast where the hardware has native bf16, fused Adam, no host
+  sync per step.
 - conventional: what tutorials do (pytorch/examples' VAE). torchvision.datasets.MNIST with
   transforms.ToTensor() in a DataLoader (shuffle=True, num_workers=1), batches copied to the
   device, fp32, torch.optim.Adam with its default implementation, loss.item() every step.
-- conv. loader: that DataLoader feeding the project's train_step, so the data path alone is
+- conv. loader: that DataLoader feeding the project's step, so the data path alone is
   compared (what the conventional pipeline would gain from the project's step).
 They alternate epoch by epoch in one process, so machine noise hits all alike. Reported:
 median images/second, the ratios, and the peak memory while each pipeline ran (resident set
 size on CPU, sampled every 5 ms; allocated device memory on a GPU) and the main process's minor
 page faults per step. The malloc tuning of train.py (cli.keep_freed_memory) is process-wide, so
-it applies to all pipelines; --malloc-defaults turns it off for all.
+it applies to all pipelines; --malloc-defaults turns it off for all. The compiled variant
+(--compile) compiles model.loss, as train.py --compile does.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-from data import TensorDataset, ensure_mnist  # noqa: E402
+from lib import cli  # noqa: E402
+from lib.data import TensorDataset, ensure_mnist, to_unit  # noqa: E402
 from model import VAE, VAEConfig  # noqa: E402
-from training import compile_objective, make_optimizer, objective, train_step  # noqa: E402
 
 MODELS = {
     "mlp": VAEConfig(arch="mlp", hidden_dim=400, latent_dim=20, activation="relu"),
@@ -80,24 +81,35 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def project_epoch(model, opt, data, bs, noise, bf16, objective_fn):
+def project_step(model, opt, x, noise, bf16, loss_fn):
+    """One step as train.py takes it (K = 1): noise drawn outside the loss, bf16 autocast, no sync."""
+    x = to_unit(x)
+    eps = torch.randn(1, len(x), model.config.latent_dim, generator=noise, device=x.device,
+                      dtype=torch.bfloat16 if bf16 else torch.float32)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        parts = loss_fn(x, None, eps=eps, reduction="none")
+    (parts.total.sum() / len(x)).backward()
+    opt.step()
+
+
+def project_epoch(model, opt, data, bs, noise, bf16, loss_fn):
     perm = torch.randperm(len(data)).to(data.images.device)
     for i in range(0, len(data), bs):
         x, _ = data.gather(perm[i:i + bs], labels=False)
-        train_step(model, opt, x, None, 1.0, noise, bf16=bf16, objective_fn=objective_fn)
+        project_step(model, opt, x, noise, bf16, loss_fn)
 
 
-def loader_epoch(model, opt, loader, device, noise, bf16, objective_fn):
+def loader_epoch(model, opt, loader, device, noise, bf16, loss_fn):
     """The conventional DataLoader feeding the project's step."""
     for x, _ in loader:
-        x = x.to(device, non_blocking=True)
-        train_step(model, opt, x, None, 1.0, noise, bf16=bf16, objective_fn=objective_fn)
+        project_step(model, opt, x.to(device, non_blocking=True), noise, bf16, loss_fn)
 
 
 def tutorial_step(model, opt, x, noise) -> float:
     """One step as pytorch/examples' VAE takes it: fp32, loss.item() (a host sync) every step."""
     opt.zero_grad()
-    loss = model.loss(x, generator=noise).total
+    loss = model.loss(x, eps=torch.randn(1, len(x), model.config.latent_dim, generator=noise, device=x.device)).total
     loss.backward()
     value = loss.item()  # tutorials add it to a running total they print
     opt.step()
@@ -138,23 +150,23 @@ PIPELINES = ("project", "conventional", "conv. loader")
 
 
 def main(argv=None) -> int:
-    p = cli.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "default"],
                    help="models to time")
-    p.add_argument("--rounds", type=cli.positive_int, default=3, help="epochs per pipeline and model")
-    p.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step")
-    p.add_argument("--limit", type=cli.positive_int, default=None,
+    p.add_argument("--rounds", type=cli.POSITIVE_INT, default=3, help="epochs per pipeline and model")
+    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=128, help="images per step")
+    p.add_argument("--limit", type=cli.POSITIVE_INT, default=None,
                    help="epochs of only the first N images (a quick check that it runs)")
-    cli.add_device_flag(p)
-    cli.add_precision_flag(p, help="of the project's step, as in train.py (auto: bf16 where the "
-                                   "hardware has it natively); the conventional pipeline is always fp32")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="of the project's step, as in train.py (auto: bf16 where the hardware has it "
+                        "natively); the conventional pipeline is always fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the project's step (as train.py --compile), in both "
                         "pipelines that use it")
     p.add_argument("--malloc-defaults", action="store_true",
                    help="leave glibc's malloc settings alone (train.py tunes them: "
                         "cli.keep_freed_memory), to see what that tuning is worth")
-    cli.add_data_dir_flag(p)
+    cli.add_common(p, checkpoint=False)
     args = p.parse_args(argv)
     if not args.malloc_defaults:
         cli.keep_freed_memory()
@@ -184,10 +196,10 @@ def main(argv=None) -> int:
         model = VAE(MODELS[model_name]).to(device)
         # The conventional pipeline trains its own copy (same initial weights) with its own Adam.
         tutorial_model = copy.deepcopy(model)
-        opt = make_optimizer(model, 1e-3, device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
         tutorial_opt = torch.optim.Adam(tutorial_model.parameters(), lr=1e-3)
         noise = torch.Generator(device=device).manual_seed(0)
-        step_fn = compile_objective() if args.compile else objective
+        step_fn = torch.compile(model.loss) if args.compile else model.loss
         runs = {
             "project": lambda: project_epoch(model, opt, data, args.batch_size, noise, bf16, step_fn),
             "conventional": lambda: conventional_epoch(tutorial_model, tutorial_opt, loader, device, noise),
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
         # allocator and, with --compile, the compilations happen here, not in a timed epoch.
         for size in {min(args.batch_size, n), n % args.batch_size or args.batch_size}:
             x = data.batch(slice(0, size))[0]
-            train_step(model, opt, x, None, 1.0, noise, bf16=bf16, objective_fn=step_fn)
+            project_step(model, opt, x, noise, bf16, step_fn)
             tutorial_step(tutorial_model, tutorial_opt, x, noise)
         results = {k: [] for k in runs}
         for r in range(args.rounds):

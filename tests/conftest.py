@@ -1,5 +1,6 @@
 """Shared helpers. Tests use the bundled MNIST (a few hundred images) and tiny models: CPU only."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -12,6 +13,17 @@ sys.path.insert(0, ROOT)
 # A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
 TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
         "--batch-size", "64", "--eval-batch-size", "256"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def same_metrics(a, b):
+    """Metrics rows equal in every column but wall-clock seconds."""
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    return drop(a) == drop(b)
 
 
 def run_script(script, *args, timeout=120, **kw):
@@ -32,7 +44,7 @@ def one_line_error(proc):
 
 def cli_error(main, args, capsys):
     """Run a script's main() as the command line does (cli.run): exit 1 and one stderr line."""
-    import cli
+    from lib import cli
 
     capsys.readouterr()
     code = cli.run(main, [str(a) for a in args])
@@ -45,7 +57,7 @@ def cli_error(main, args, capsys):
 @pytest.fixture(scope="session")
 def mnist_subset():
     """(x float [256, 1, 28, 28] in [0, 1], labels) from the real test split."""
-    from data import TensorDataset
+    from lib.data import TensorDataset
 
     ds = TensorDataset.load("test", limit=256)
     return ds.batch(slice(0, 256))

@@ -8,8 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import data
-from data import DataError, parse_idx, prepare_file
+from lib import data
+from lib.checks import UserError
+from lib.data import parse_idx, read_file
 
 RAW = data.raw_dir(data.DEFAULT_DATA_DIR)
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: 10,008 bytes decompressed
@@ -56,10 +57,10 @@ def test_parse_idx_checks_structure():
         "too short": b"\x00\x00",
     }
     for what, raw in cases.items():
-        with pytest.raises(DataError, match="^f: ") as e:
+        with pytest.raises(UserError, match="^f: ") as e:
             parse_idx(raw, "f", (2, 3))
         assert what.split()[0] in str(e.value) or what == "dimensions"
-    with pytest.raises(DataError, match=r"dimensions \(3, 2\)"):
+    with pytest.raises(UserError, match=r"dimensions \(3, 2\)"):
         parse_idx(_idx((3, 2)), "f", (2, 3))
 
 
@@ -73,7 +74,7 @@ def _copy_raw(tmp_path, names=(LABELS,)):
 
 def test_good_gz_is_verified_and_decompressed(tmp_path):
     raw = _copy_raw(tmp_path)
-    assert prepare_file(str(raw), LABELS)
+    assert read_file(str(raw), LABELS)
     with open(raw / LABELS, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == data.SHA256[LABELS]
 
@@ -91,8 +92,8 @@ def test_corrupt_gz_is_named_and_kept(tmp_path, damage, message):
     gz = raw / (LABELS + ".gz")
     gz.write_bytes(damage(gz.read_bytes()))
     before = gz.read_bytes()
-    with pytest.raises(DataError, match=message) as e:
-        prepare_file(str(raw), LABELS)
+    with pytest.raises(UserError, match=message) as e:
+        read_file(str(raw), LABELS)
     assert str(e.value).startswith(str(gz)) and "\n" not in str(e.value)
     assert gz.read_bytes() == before and not (raw / LABELS).exists()  # nothing written or deleted
 
@@ -100,8 +101,8 @@ def test_corrupt_gz_is_named_and_kept(tmp_path, damage, message):
 def test_corrupt_decompressed_file_is_reported_not_overwritten(tmp_path):
     raw = _copy_raw(tmp_path)
     (raw / LABELS).write_bytes(b"\x00\x00\x08\x01" + (10000).to_bytes(4, "big") + bytes(10000))
-    with pytest.raises(DataError, match="SHA-256.*delete it") as e:
-        prepare_file(str(raw), LABELS)
+    with pytest.raises(UserError, match="SHA-256.*delete it") as e:
+        read_file(str(raw), LABELS)
     assert str(raw / LABELS) in str(e.value)
     assert (raw / LABELS).read_bytes()[8:] == bytes(10000)
 
@@ -111,7 +112,7 @@ def test_missing_files_and_failed_download_give_one_line(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(data, "_download", offline)
-    with pytest.raises(DataError, match="missing.*download failed.*no network.*--data-dir") as e:
+    with pytest.raises(UserError, match="missing.*download failed.*no network.*--data-dir") as e:
         data.load_split("test", tmp_path)
     assert "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())
@@ -126,7 +127,7 @@ def test_fuzz_parse_idx_random_bytes(blob):
     try:
         t = parse_idx(blob, "fuzz", None)
         assert t.dtype == torch.uint8
-    except DataError as e:
+    except UserError as e:
         assert str(e).startswith("fuzz: ")
 
 
@@ -147,11 +148,11 @@ def test_fuzz_gzip_and_idx_reading_path(blob):
         with open(os.path.join(raw, LABELS + ".gz"), "wb") as f:
             f.write(blob)
         try:
-            assert prepare_file(raw, LABELS)
+            assert read_file(raw, LABELS)
             # Only the true content may pass: then it matched the checksum.
             with open(os.path.join(raw, LABELS), "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == data.SHA256[LABELS]
-        except DataError as e:
+        except UserError as e:
             assert str(e).startswith(os.path.join(raw, LABELS)) and "\n" not in str(e)
 
 
@@ -169,3 +170,13 @@ def test_decoding_matches_torchvision():
         images, labels = data.load_split(split)
         ref = torchvision.datasets.MNIST(data.DEFAULT_DATA_DIR, train=split == "train")
         assert torch.equal(images.squeeze(1), ref.data) and torch.equal(labels, ref.targets)
+
+
+def test_binarized_test_set_is_fixed_and_binary():
+    test = data.TensorDataset.load("test", limit=100)
+    a, b = data.load_test_set(limit=100, binarize=True), data.load_test_set(limit=100, binarize=True)
+    assert torch.equal(a.images, b.images)
+    assert set(a.images.unique().tolist()) <= {0, 255}
+    # Pixel means match grey levels on average (Bernoulli(grey) draws).
+    assert abs(a.images.float().mean() - test.images.float().mean()) < 2.0
+

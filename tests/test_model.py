@@ -1,10 +1,13 @@
+"""The model's API: shapes, the loss, labels, the config, the latent mixture, checkpoints."""
+
 import pytest
 import torch
 
-from model import VAE, VAEConfig, bernoulli_nll, gaussian_kl
+from lib.data import TensorDataset
+from model import VAE, GaussianMixture, VAEConfig, reparameterize
 
 SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)
-
+SMALL3 = dict(SMALL, latent_dim=3)
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
                                  VAEConfig(**SMALL, num_classes=10), VAEConfig(**SMALL, res_blocks=0),
@@ -16,7 +19,7 @@ def test_shapes(cfg):
     y = torch.arange(5) if cfg.num_classes else None
     mu, logvar = m.encode(x, y)
     assert mu.shape == logvar.shape == (5, cfg.latent_dim)
-    z = m.reparameterize(mu, logvar)
+    z = reparameterize(mu, logvar, torch.randn(5, cfg.latent_dim))
     assert z.shape == (5, cfg.latent_dim)
     logits = m.decode(z, y)
     assert logits.shape == (5, 1, 28, 28)
@@ -29,29 +32,11 @@ def test_shapes(cfg):
     assert 0 <= s.min() and s.max() <= 1 and 0 <= r.min() and r.max() <= 1
 
 
-def test_analytic_kl_matches_monte_carlo():
-    torch.manual_seed(0)
-    mu, logvar = torch.randn(3, 5), torch.randn(3, 5) * 0.5
-    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
-    p = torch.distributions.Normal(0.0, 1.0)
-    z = q.sample((200_000,))
-    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
-    assert torch.allclose(gaussian_kl(mu, logvar), mc, atol=0.03)
-    assert torch.allclose(gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)), torch.zeros(2))
-
-
-def test_bernoulli_nll_is_summed_bce():
-    logits, x = torch.randn(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
-    p = torch.sigmoid(logits)
-    ref = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
-    assert torch.allclose(bernoulli_nll(logits, x), ref, rtol=1e-4)
-
-
 def test_beta_weighs_kl():
     torch.manual_seed(0)
     m, x = VAE(VAEConfig(**SMALL)), torch.rand(4, 1, 28, 28)
-    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731 - same noise both times
-    a, b = m.loss(x, generator=g()), m.loss(x, beta=0.25, generator=g())
+    eps = torch.randn(1, 4, SMALL["latent_dim"])  # the same noise both times
+    a, b = m.loss(x, eps=eps), m.loss(x, beta=0.25, eps=eps)
     assert torch.allclose(b.total, a.recon + 0.25 * a.kl)
 
 
@@ -84,76 +69,118 @@ def test_labels_are_checked():
 
 def test_config_round_trip_and_validation():
     c = VAEConfig(**SMALL, num_classes=10, activation="silu")
-    assert VAEConfig.from_dict(c.to_dict()) == c
+    assert VAEConfig(**c.to_dict()) == c
     for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh"),
                 dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
-    with pytest.raises(ValueError, match="unknown"):
-        VAEConfig.from_dict({**c.to_dict(), "extra": 1})
+    with pytest.raises(TypeError, match="extra"):
+        VAEConfig(**{**c.to_dict(), "extra": 1})
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_given_eps_is_the_models_own_draw(bf16):
-    """VAE.draw_eps draws exactly what the model would, so passing eps in (as the training step
-    does, for torch.compile) changes no result, in fp32 and under bf16 autocast."""
-    torch.manual_seed(0)
+def test_default_noise_is_one_randn_draw_of_k_samples(bf16):
+    """loss without eps draws torch.randn(K, B, d) in the encoder's dtype: passing that draw in (as
+    training does, so that a compiled loss is one graph) changes no result, in fp32 and bf16."""
     m, x = VAE(VAEConfig(**SMALL)), torch.rand(4, 1, 28, 28)
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        own = m.loss(x, generator=torch.Generator().manual_seed(3), reduction="none")
-        given = m.loss(x, reduction="none", eps=m.draw_eps(4, torch.Generator().manual_seed(3), dtype))
+        torch.manual_seed(3)
+        own = m.loss(x, k=2, reduction="none")
+        torch.manual_seed(3)
+        given = m.loss(x, k=2, reduction="none", eps=torch.randn(2, 4, SMALL["latent_dim"], dtype=dtype))
     assert torch.equal(own.total, given.total)
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_training_objective_takes_the_stored_uint8_images(bf16):
-    """train.py passes uint8 batches, converted inside the objective: the same loss to the bit."""
-    from training import objective
-
-    torch.manual_seed(0)
-    m, raw = VAE(VAEConfig(**SMALL)), torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    eps = torch.randn(4, SMALL["latent_dim"]).to(torch.bfloat16 if bf16 else torch.float32)
-    from_uint8 = objective(m, raw, None, 1.0, eps, bf16)
-    from_float = objective(m, raw.float() / 255, None, 1.0, eps, bf16)
-    assert all(torch.equal(a, b) for a, b in zip(from_uint8, from_float))
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_training_objective_traces_as_one_graph(bf16):
-    """torch.compile cannot trace a Generator; with eps given, forward, loss and the logged sums
-    are one graph (each graph break would add a compiled-graph call to every training step)."""
-    from training import objective
-
+def test_the_objective_traces_as_one_graph(bf16, k):
+    """torch.compile (train.py --compile) sees the loss with its noise given as one graph: each
+    graph break would add a compiled-graph call to every training step."""
     torch.manual_seed(0)
     m = VAE(VAEConfig(**SMALL))
-    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)  # as train.py passes them
-    eps = torch.randn(4, SMALL["latent_dim"])
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(k, 4, SMALL["latent_dim"])
     graphs = []
 
     def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
         graphs.append(gm)
         return gm.forward
 
-    # fullgraph=True raises at any graph break
-    torch.compile(objective, backend=count_graphs, fullgraph=True)(m, x, None, 1.0, eps, bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fullgraph=True raises at a break
+        torch.compile(m.loss, backend=count_graphs, fullgraph=True)(x, k=k, eps=eps, reduction="none")
     assert len(graphs) == 1
 
 
-def test_res_blocks_add_layers_and_leave_the_default_weights_alone():
-    """res_blocks = 0 is the model every earlier checkpoint holds, and what a saved config without
-    the key builds. The conv default is one block, mlp has none. Each block adds two 3x3
-    convolutions at each resolution, in encoder and decoder."""
-    plain = VAE(VAEConfig(**SMALL, res_blocks=0))
+def test_res_blocks_add_two_convolutions_per_resolution_and_side():
+    """The conv default is one block, mlp has none. Each block adds two 3x3 convolutions at each
+    resolution, in encoder and decoder."""
     assert VAEConfig(**SMALL).res_blocks == 1 and VAEConfig(arch="mlp").res_blocks == 0
-    old = {k: v for k, v in VAEConfig(**SMALL, res_blocks=0).to_dict().items() if k != "res_blocks"}
-    assert VAE(VAEConfig.from_dict(old)).state_dict().keys() == plain.state_dict().keys()
-    with pytest.raises(ValueError, match="res_blocks"):
-        VAEConfig.from_dict({**old, "res_blocks": None})  # a saved config holds the number
-    deep = VAE(VAEConfig(**SMALL, res_blocks=2))
+    plain, deep = VAE(VAEConfig(**SMALL, res_blocks=0)), VAE(VAEConfig(**SMALL, res_blocks=2))
     c1, c2 = SMALL["channels"]
     per_block = {c: 2 * (c * c * 9 + c) for c in (c1, c2)}  # two 3x3 convs with biases
     extra = sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 2 * 2 * (per_block[c1] + per_block[c2])  # 2 blocks, encoder + decoder
-    x = torch.rand(3, 1, 28, 28)
-    assert deep.loss(x).total.isfinite()
+    assert deep.loss(torch.rand(3, 1, 28, 28)).total.isfinite()
+
+
+def hand_made_mixture(groups, d, offset=10.0):
+    """One narrow component per group, group g centred at g * offset on the first axis."""
+    means = torch.zeros(groups, 1, d)
+    means[:, 0, 0] = torch.arange(groups) * offset
+    return {"weights": torch.ones(groups, 1), "means": means,
+            "scale_tril": 0.01 * torch.eye(d).expand(groups, 1, d, d).clone()}
+
+
+def capture_z(model):
+    seen = []
+    real = model.decode
+
+    def decode(z, labels=None):
+        seen.append(z.clone())
+        return real(z, labels)
+
+    model.decode = decode
+    return seen
+
+
+def test_sampling_uses_the_mixture_seeded_and_prior_on_request():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(**SMALL3)).eval()
+    m.latent_mixture = GaussianMixture(**hand_made_mixture(1, 3, offset=0.0) | {"means": torch.full((1, 1, 3), 5.0)})
+    seen = capture_z(m)
+    a = m.sample(6, generator=torch.Generator().manual_seed(1))
+    b = m.sample(6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (6, 1, 28, 28)
+    assert (seen[0] - 5.0).abs().max() < 0.1  # from the mixture
+    m.sample(6, generator=torch.Generator().manual_seed(1), prior=True)
+    assert (seen[-1] - 5.0).abs().max() > 1.0  # from N(0, I)
+    m.latent_mixture = None
+    assert m.latent_mixture is None and m.state_dict().keys() == VAE(VAEConfig(**SMALL3)).state_dict().keys()
+
+
+def test_conditional_model_samples_each_digit_from_its_own_mixture():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(**SMALL3, num_classes=10)).eval()
+    m.latent_mixture = GaussianMixture(**hand_made_mixture(10, 3))
+    seen = capture_z(m)
+    m.sample(4, labels=7, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(seen[-1][:, 0], torch.full((4,), 70.0), atol=0.1)
+    labels = torch.tensor([3, 0, 9, 3])
+    m.sample(4, labels=labels, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(seen[-1][:, 0], labels.float() * 10, atol=0.1)
+    m.latent_mixture = GaussianMixture(**hand_made_mixture(1, 3))  # one mixture for a model with 10 classes
+    with pytest.raises(AssertionError, match="one mixture group per class"):
+        m.sample(4, labels=labels)
+
+
+def test_checkpoint_with_mixture_round_trips_through_weights_only(mixture_run):
+    raw = torch.load(mixture_run, weights_only=True)
+    stored = raw["latent_mixture"]
+    assert stored["weights"].shape == (1, 2) and stored["means"].shape == (1, 2, 4)
+    model = VAE.from_checkpoint(mixture_run)
+    assert all(torch.equal(model.latent_mixture.state()[k], stored[k]) for k in stored)
+    # The mixture sits where the posterior means do: its mean is near theirs.
+    data = TensorDataset.load("train", limit=512)
+    mu = model.encode(data.batch(slice(0, 512))[0])[0]
+    centre = (stored["weights"][0, :, None] * stored["means"][0]).sum(0)
+    assert torch.allclose(centre, mu.mean(0), atol=1e-3)

@@ -1,8 +1,13 @@
-"""Interruptions, crashes, hostile files and concurrent runs (issue 5)."""
+"""Reliability: signals in every phase, crashes, hostile files, bad input and concurrent runs;
+what docs/reliability.md promises."""
 
+import copy
+import errno
 import os
 import pickle
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -10,11 +15,15 @@ import time
 import pytest
 import torch
 
-import train
-from checkpoint import CheckpointLock, load_checkpoint
+import evaluate
 import generate
-from conftest import ROOT, TINY, cli_error, one_line_error, run_script
-from test_cli import read_csv, same_metrics
+import train
+from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
+from lib import cli, data
+from lib.checks import load_checkpoint, with_checksums
+from lib.files import Lock, write_atomic
+from model import VAE, VAEConfig
+from tools import fit_mixture
 
 # More steps per epoch than TINY, so a signal lands mid-epoch.
 SLOW = [*TINY, "--limit", "2048", "--batch-size", "16"]  # 128 steps per epoch
@@ -38,19 +47,21 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-# Runs train.main in a subprocess that sends itself a real signal right after step N.
+# Runs train.main in a subprocess that sends itself a real signal at the Nth call of a function of
+# lib/training.py (learning_rate: once per step, at its start; fit_to_model: the mixture fit;
+# load_test_set: data loading).
 SIGNAL_AT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train
-real, count = train.train_step, [0]
-def step(*a, **kw):
-    out = real(*a, **kw)
+from lib import training
+real, count = training.{name}, [0]
+def patched(*a, **kw):
     count[0] += 1
     if count[0] == {n}:
         os.kill(os.getpid(), {sig})
-    return out
-train.train_step = step
+    return real(*a, **kw)
+training.{name} = patched
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -80,7 +91,7 @@ def assert_same_run(a, b):
     assert ca["epoch"] == cb["epoch"] and cb["step"] == 0
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
-    assert same_metrics(read_csv(a.with_suffix(".metrics.csv")), read_csv(b.with_suffix(".metrics.csv")))
+    assert same_metrics(read_csv(f"{a}.metrics.csv"), read_csv(f"{b}.metrics.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +106,7 @@ def reference(tmp_path_factory):
 def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code):
     ckpt = tmp_path / "run.pt"
     at = 128 + 37  # epoch 2, step 37
-    proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt], SIGNAL_AT.format(root=ROOT, n=at, sig=int(sig)))
+    proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt], SIGNAL_AT.format(root=ROOT, name="learning_rate", n=at, sig=int(sig)))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -103,7 +114,7 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     assert "epoch 2, step 37/128" in lines[0]
     c = load_checkpoint(ckpt)
     assert (c["epoch"], c["step"]) == (1, 37)  # stopped mid-epoch, state saved there
-    assert len(read_csv(tmp_path / "run.metrics.csv")) == 1
+    assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 1
     assert train.main(["--epochs", "3", "--checkpoint", str(ckpt), "--resume"]) == 0
     assert_same_run(reference, ckpt)
 
@@ -130,10 +141,51 @@ def test_sigkill_anywhere_keeps_last_complete_checkpoint(reference, tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import cli
-    from model import VAE
+def test_signal_during_the_mixture_fit_keeps_the_model_and_resume_fits_it(tmp_path):
+    """SIGTERM while the latent mixture is fitted after the last epoch: exit 143 and one line
+    saying what is missing; --resume then fits the mixture (it does not say "already done")."""
+    ckpt = tmp_path / "run.pt"
+    proc = start([*TINY, "--epochs", "1", "--checkpoint", ckpt],
+                 SIGNAL_AT.format(root=ROOT, name="fit_to_model", n=1, sig=int(signal.SIGTERM)))
+    out, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and len(lines) == 1, err
+    assert "latent mixture" in lines[0] and "--resume" in lines[0], lines[0]
+    c = load_checkpoint(ckpt)
+    assert c["epoch"] == 1 and c["latent_mixture"] is None
+    assert train.main(["--epochs", "1", "--checkpoint", str(ckpt), "--resume"]) == 0
+    assert load_checkpoint(ckpt)["latent_mixture"]["weights"].shape == (1, 50)
 
+
+def test_signal_while_loading_the_data_writes_nothing(tmp_path):
+    ckpt = tmp_path / "new" / "run.pt"
+    proc = start([*TINY, "--epochs", "1", "--checkpoint", ckpt],
+                 SIGNAL_AT.format(root=ROOT, name="load_test_set", n=1, sig=int(signal.SIGINT)))
+    out, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1 and "nothing was written" in lines[0], err
+    assert not (tmp_path / "new").exists()
+
+
+def test_each_checkpoint_has_its_own_metrics_file(tmp_path):
+    """Two checkpoints whose names differ only in the extension keep two histories."""
+    assert train.main([*TINY, "--epochs", "2", "--mixture-components", "0", "--checkpoint", str(tmp_path / "run.pt")]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(tmp_path / "run.pth")]) == 0
+    assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 2 and len(read_csv(tmp_path / "run.pth.metrics.csv")) == 1
+
+
+@pytest.mark.parametrize("flags", [["--conditional", "--limit", "20"], ["--limit", "1"], ["--limit", "3", "--batch-size", "2"]])
+def test_mixture_groups_of_one_image_fit(tmp_path, flags, capsys):
+    """Digits with a single image among the first N, or one training image at all: the mixture
+    fits (fewer components), in train.py and in tools/fit_mixture.py."""
+    ckpt = tmp_path / "run.pt"
+    assert train.main([*TINY[:-6], *flags, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0
+    assert load_checkpoint(ckpt)["latent_mixture"] is not None
+    assert fit_mixture.main(["--checkpoint", str(ckpt)]) == 0
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img"), "--n", "2"]) == 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "run.pt"
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0
     before = ckpt.read_bytes()
@@ -201,10 +253,8 @@ def test_broken_checkpoints_give_one_line(tmp_path, capsys):
 
 
 def test_second_training_on_same_checkpoint_refuses(tmp_path, capsys):
-    import cli
-
     ckpt = tmp_path / "run.pt"
-    with CheckpointLock(ckpt):  # as if another training held it
+    with Lock(ckpt):  # as if another training held it
         assert cli.run(train.main, [*TINY, "--epochs", "1", "--checkpoint", str(ckpt)]) == 1
     assert "another training" in capsys.readouterr().err and not ckpt.exists()
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0  # lock released
@@ -219,3 +269,332 @@ def test_output_folders_created_or_clear_error(tmp_path, capsys):
     assert str(blocker) in line and "cannot create" in line
     line = cli_error(generate.main, ["--checkpoint", deep, "--out", blocker / "img"], capsys)
     assert str(blocker / "img") in line
+
+
+@pytest.fixture
+def good(mixture_run):
+    return mixture_run
+
+
+def tree(folder):
+    """Every file under folder with its bytes and mode: to show nothing on disk changed."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[p] = (fh.read(), os.stat(p).st_mode)
+    return out
+
+
+# -- 1. never touch what isn't ours --------------------------------------------------------------
+
+def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
+    ckpt = tmp_path / "notes.pt"
+    keep = [tmp_path / "notes.pt.mine.tmp", tmp_path / "notes.pt.123.tmp", tmp_path / ".swp.tmp",
+            tmp_path / f"notes.pt.{os.getpid()}.0123456789abcdef.tmp"]  # a live process's own name
+    for p in keep:
+        p.write_text("keep")
+    stale = tmp_path / "notes.pt.999999999.0123456789abcdef.tmp"  # pattern of a killed save
+    stale.write_text("partial")
+    line = cli_error(train.main, [*TINY, "--checkpoint", good], capsys)  # refuses: exists
+    assert "exists" in line and all(p.read_text() == "keep" for p in keep)
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    assert all(p.read_text() == "keep" for p in keep) and not stale.exists()
+
+
+def test_empty_paths_are_refused(tmp_path, capsys):
+    before = tree(tmp_path)
+    os.chdir(tmp_path)
+    for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"])):
+        line = cli_error(main, args, capsys)
+        assert "empty path" in line
+    assert tree(tmp_path) == before
+
+
+def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_path):
+    write_atomic(os.devnull, lambda f: f.write(b"discarded"))
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(link)]) == 0
+    assert link.is_symlink() and '"nll"' in target.read_text()
+    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, capsys):
+    fifo_dir = tmp_path / "d"
+    fifo_dir.mkdir()
+    sock = tmp_path / "sock"
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        line = cli_error(evaluate.main, ["--checkpoint", good, "--json", sock], capsys)
+        assert "not a regular file" in line
+    finally:
+        s.close()
+    line = cli_error(evaluate.main, ["--checkpoint", good, "--json", fifo_dir], capsys)
+    assert "is a folder" in line
+    # the metrics CSV's path is checked before any training, too
+    ckpt = tmp_path / "run.pt"
+    (tmp_path / "run.pt.metrics.csv").mkdir()
+    line = cli_error(train.main, [*TINY, "--checkpoint", ckpt], capsys)
+    assert "run.pt.metrics.csv" in line and "folder" in line and not ckpt.exists()
+
+
+def test_full_disk_keeps_the_old_file_and_says_one_line(good, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "vae.pt"
+    ckpt.write_bytes(good.read_bytes())
+    before = tree(tmp_path)
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    line = cli_error(fit_mixture.main, ["--checkpoint", ckpt, "--components", "1"], capsys)
+    assert "No space left" in line and "untouched" in line
+    after = tree(tmp_path)
+    after.pop(str(ckpt) + ".lock", None)
+    assert after == before
+
+
+# -- 3. corrupted weights ----------------------------------------------------------------------
+
+def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    w = c["model"]["to_stats.weight"]
+    w.view(torch.int32)[0, 0] ^= 1 << 20  # one bit of one weight
+    bad = tmp_path / "flip.pt"
+    torch.save(c, bad)
+    for main, extra in ((generate.main, ["--out", tmp_path / "o"]), (evaluate.main, []),
+                        (train.main, ["--resume", "--epochs", "2"])):
+        line = cli_error(main, ["--checkpoint", bad, *extra], capsys)
+        assert str(bad) in line and "corrupt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_checksums_or_of_another_format_is_refused(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    del c["sha256"]
+    torch.save(c, tmp_path / "unsealed.pt")
+    c = torch.load(good, weights_only=True)
+    c["format"] = 1
+    torch.save(c, tmp_path / "old.pt")
+    for name, what in (("unsealed.pt", "no checksums"), ("old.pt", "train it again")):
+        for main in (generate.main, evaluate.main):
+            line = cli_error(main, ["--checkpoint", tmp_path / name], capsys)
+            assert str(tmp_path / name) in line and what in line, line
+
+
+# -- 4, 8. the Python API validates its arguments -------------------------------------------------
+
+def test_api_arguments_are_validated():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=16, latent_dim=2)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    for k in (float("inf"), float("nan"), 0, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an int"):
+            m.log_likelihood(x, k=k)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.loss(x * 255)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.encode(torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(ValueError, match=r"must be \[B, 1, 28, 28\]"):
+        m.encode(torch.rand(2, 784))
+    c = VAE(VAEConfig(channels=(4, 8), hidden_dim=16, latent_dim=2, num_classes=10)).eval()
+    with pytest.raises(ValueError, match="integer"):
+        c.sample(2, labels=3.7)
+    with pytest.raises(ValueError, match="integer"):
+        c.encode(x, torch.tensor([1.0, 2.0, 3.0]))
+    assert c.log_likelihood(x, [1, 2, 3], k=2).shape == (3,)  # a list, as encode and sample take
+    for bad in ({"latent_dim": 10**17}, {"latent_dim": 2.5}, {"hidden_dim": True}, {"arch": 3},
+                {"channels": [4, "8"]}, {"num_classes": -1}):
+        with pytest.raises(ValueError):
+            VAEConfig(**bad)
+
+
+def test_unavailable_device_is_named_not_called_corrupt(good):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        VAE.from_checkpoint(good, map_location="cuda")
+
+
+def test_memory_hungry_chunks_are_refused_up_front(good, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", good, "--chunk", 10**9], capsys)
+    assert "--chunk" in line and "GiB" in line
+
+
+@pytest.mark.parametrize("args", [["--seed", str(2**64)], ["--latent-dim", str(10**17)],
+                                  ["--hidden-dim", str(10**9)], ["--channels", "4", str(10**9)],
+                                  ["--epochs", str(10**12)], ["--batch-size", str(10**12)]])
+def test_overflowing_values_exit_2_in_one_line(args):
+    proc = run_script("train.py", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- 5. the data folder ---------------------------------------------------------------------------
+
+def test_interrupted_decompression_leaves_no_temp_file(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    name = "t10k-labels-idx1-ubyte"
+    with open(os.path.join(data.raw_dir(data.DEFAULT_DATA_DIR), name + ".gz"), "rb") as f:
+        (raw / (name + ".gz")).write_bytes(f.read())
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.read_file(str(raw), name)
+    assert sorted(p.name for p in raw.iterdir()) == [name + ".gz"]
+
+
+def test_missing_data_dir_leaves_no_folders(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    line = cli_error(generate.main, ["--data-dir", missing, "--checkpoint", "none.pt"], capsys)
+    assert "none.pt" in line  # the checkpoint is checked first
+    line = cli_error(train.main, [*TINY, "--data-dir", missing, "--checkpoint", tmp_path / "r.pt"], capsys)
+    assert "no such data folder" in line and not missing.exists()
+
+
+# -- 7. every field of a checkpoint is untrusted ---------------------------------------------------
+
+INT_BAD = ["x", -1, 2.5, True, 10**30, None]
+FLOAT_BAD = ["x", -1.0, float("nan"), float("inf"), True, [1.0]]
+STR_BAD = ["no-such-choice", 3, None, True]
+BOOL_BAD = ["x", 1, 2.5, [True]]
+DICT_BAD = ["x", 3, [1], None]
+
+
+ALL, RESUME, NONE = "every script", "train.py --resume", "no script"
+
+
+def variants(c):
+    """(name, mutated checkpoint, which scripts must refuse it): each field of each kind, set to
+    values of the wrong type or range, or removed. Where the checksums still cover the changed
+    part they are made again (a consistent, crafted file, not a damaged one)."""
+    def put(path, value):
+        d = copy.deepcopy(c)
+        obj = d
+        for k in path[:-1]:
+            obj = obj[k]
+        if value is KeyError:
+            del obj[path[-1]]
+        else:
+            obj[path[-1]] = value
+        return d
+
+    for key in ("format", "epoch", "step"):
+        for v in INT_BAD:
+            yield f"{key}={v!r}", put((key,), v), ALL
+    for v in FLOAT_BAD:
+        yield f"partial_seconds={v!r}", put(("partial_seconds",), v), ALL
+    optional = {"rng": RESUME, "optimizer": RESUME, "args": RESUME, "latent_mixture": NONE}
+    for key in ("model_config", "model", "metrics", "rng", "latent_mixture", "optimizer", "args"):
+        for v in DICT_BAD + [KeyError]:
+            if v is None and key == "latent_mixture":
+                continue  # None is valid: no mixture
+            lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
+            yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
+    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
+        for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks") else 7, 10**17]:
+            yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
+    for key in ("arch", "activation"):
+        for v in STR_BAD:
+            yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
+    for v in [[4], ["4", "8"], "x", [0, 8], None, [10**9, 8]]:
+        yield f"model_config.channels={v!r}", put(("model_config", "channels"), v), ALL
+    yield "model_config.extra", put(("model_config", "extra"), 1), ALL
+    name = next(iter(c["model"]))
+    shape = c["model"][name].shape
+    for v in (torch.zeros(3), torch.zeros(shape, dtype=torch.int64), torch.full(shape, float("nan")), "x"):
+        yield f"model[{name}]={type(v).__name__}", put(("model", name), v), ALL
+    for v in (torch.zeros(3, dtype=torch.uint8), torch.zeros(5056)):
+        yield f"rng.torch={v.dtype}", put(("rng", "torch"), v), RESUME if v.dtype == torch.uint8 else ALL
+    for key, v in (("weights", -c["latent_mixture"]["weights"]), ("means", torch.zeros(1, 2, 3)),
+                   ("scale_tril", torch.zeros_like(c["latent_mixture"]["scale_tril"]))):
+        yield f"latent_mixture.{key}", put(("latent_mixture", key), v), ALL
+    yield "metrics epoch", put(("metrics", 0, "epoch"), 5), ALL
+    mid = put(("step",), 10**6)  # well-typed, but more steps than an epoch has
+    mid["partial"] = torch.zeros(10**6, 3)
+    yield "step beyond the epoch", mid, RESUME
+    mid = put(("step",), 1)
+    mid["partial"] = torch.zeros(1, 2)  # running sums without the objective's column
+    yield "partial columns", mid, ALL
+    yield "metrics value", put(("metrics", 0, "test_loss"), "x"), ALL
+    # The run's flags: train.py --resume reads them all; the other scripts binarize and limit.
+    for key, bad in (("batch_size", INT_BAD[:-1]), ("seed", INT_BAD[:-1]), ("lr", FLOAT_BAD),
+                     ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
+                     ("eval_batch_size", INT_BAD[:-1]), ("limit", ["x", -1, 2.5, True]),
+                     ("precision", STR_BAD[:2]), ("latent_dim", [10**17, "x"]), ("arch", ["x"]),
+                     ("channels", [[1], "x"]), ("res_blocks", [-1, "x"]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
+        for v in bad:
+            yield f"args.{key}={v!r}", put(("args", key), v), ALL if key in ("binarize", "limit") else RESUME
+    state = c["optimizer"]["state"][0]
+    for key, v in (("exp_avg", torch.zeros(3)), ("exp_avg_sq", -state["exp_avg_sq"] - 1), ("step", "x")):
+        yield f"optimizer.{key}", put(("optimizer", "state", 0, key), v), RESUME
+    yield "optimizer.betas", put(("optimizer", "param_groups", 0, "betas"), "x"), RESUME
+    yield "optimizer.params", put(("optimizer", "param_groups", 0, "params"), [0]), RESUME
+
+
+def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(good, tmp_path, capsys):
+    c = torch.load(good, weights_only=True)
+    seen = 0
+    for i, (name, mutated, fails) in enumerate(variants(c)):
+        folder = tmp_path / f"v{i}"
+        folder.mkdir()
+        ckpt = folder / "vae.pt"
+        try:
+            with_checksums(mutated)
+        except Exception:  # a value the digest cannot read: keep the old seal (then it is "corrupt")
+            pass
+        torch.save(mutated, ckpt)
+        before = tree(folder)
+        runs = [(train.main, ["--checkpoint", ckpt, "--resume", "--epochs", "2"], fails in (ALL, RESUME)),
+                (generate.main, ["--checkpoint", ckpt, "--out", folder / "out"], fails == ALL),
+                (evaluate.main, ["--checkpoint", ckpt, "--k", "2", "--limit", "5"], fails == ALL)]
+        for main, args, must_fail in runs:
+            capsys.readouterr()
+            code = cli.run(main, [str(a) for a in args])  # an unexpected exception fails the test here
+            err = capsys.readouterr().err
+            if must_fail:
+                assert code == 1, f"{name}: {main.__module__} exited {code}"
+                assert err.count("\n") == 1 and "Traceback" not in err, f"{name}: {err}"
+                assert str(ckpt) in err, f"{name}: {err}"
+                assert tree(folder) == before, f"{name}: {main.__module__} changed files"
+            else:
+                assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
+            seen += 1
+    assert seen > 300, seen
+
+
+def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Bad data or a device as checkpoint: refused before any folder or lock file is made."""
+    def offline(_):
+        raise OSError("offline")
+
+    monkeypatch.setattr(data, "_download", offline)
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    ckpt = tmp_path / "new" / "vae.pt"
+    line = cli_error(train.main, [*TINY, "--data-dir", empty, "--checkpoint", ckpt], capsys)
+    assert "missing" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_data"] and not any(empty.iterdir())
+    line = cli_error(train.main, [*TINY, "--checkpoint", os.devnull, "--overwrite"], capsys)
+    assert "not a regular file" in line
+    assert not os.path.exists(os.devnull + ".lock") and not os.path.exists(os.devnull + ".metrics.csv")
+
+
+def test_generate_checks_every_image_path_first(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "traversal.png").mkdir(parents=True)  # the last-but-one image it would write
+    line = cli_error(generate.main, ["--checkpoint", good, "--out", out], capsys)
+    assert "traversal.png" in line and "folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["traversal.png"]  # nothing written before it

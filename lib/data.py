@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
+from lib.checks import UserError, first_line
+
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset")
 
 # name -> shape; every file holds unsigned bytes (IDX type 0x08). http://yann.lecun.com/exdb/mnist/
 FILES = {
@@ -50,132 +52,80 @@ def mnist_mismatch(image_channels: int, image_size: int, num_classes: int) -> st
     if num_classes not in (0, NUM_CLASSES):
         return f"it is conditioned on {num_classes} classes, MNIST has {NUM_CLASSES}"
     return None
+
+
 BINARIZE_SEED = 0  # the binarized test set is the same for every run, checkpoint and script
-
-
-class DataError(Exception):
-    """A dataset problem the user must fix; str() is one line naming the file."""
 
 
 def raw_dir(data_dir) -> str:
     return os.path.join(os.fspath(data_dir), "MNIST", "raw")
 
 
-def _idx_header(data, source: str, shape: tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
-    """Check an IDX header and the length it implies; returns (header bytes, dims). No copies."""
+def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Decode IDX bytes (unsigned-byte type) into a uint8 tensor, checking the header, the
+    dimensions (`shape`, when given) and the length first; UserError naming `source`. A
+    bytearray is used in place (the tensor shares its memory), anything else is copied once."""
     if len(data) < 4:
-        raise DataError(f"{source}: too short for an IDX header ({len(data)} bytes)")
+        raise UserError(f"{source}: too short for an IDX header ({len(data)} bytes)")
     zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if zero != 0 or dtype != UBYTE or not 1 <= ndim <= 4:
-        raise DataError(f"{source}: bad IDX magic number 0x{bytes(data[:4]).hex()} "
-                        "(expected 0x000008NN, unsigned bytes)")
+        raise UserError(f"{source}: bad IDX magic number 0x{bytes(data[:4]).hex()} (expected 0x000008NN, unsigned bytes)")
     if shape is not None and ndim != len(shape):
-        raise DataError(f"{source}: has {ndim} dimensions, expected {len(shape)}")
+        raise UserError(f"{source}: has {ndim} dimensions, expected {len(shape)}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{source}: truncated IDX header")
+        raise UserError(f"{source}: truncated IDX header")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if shape is not None and dims != tuple(shape):
-        raise DataError(f"{source}: dimensions {dims}, expected {tuple(shape)}")
+        raise UserError(f"{source}: dimensions {dims}, expected {tuple(shape)}")
     count = math.prod(dims)
     if len(data) - header != count:
         what = "truncated" if len(data) - header < count else "has trailing bytes"
-        raise DataError(f"{source}: {what}: {len(data) - header} data bytes, header says {count}")
-    return header, dims
-
-
-def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Decode IDX bytes (unsigned-byte type) into a uint8 tensor, checking everything first.
-
-    `shape`, when given, is what the file must hold. Raises DataError naming `source`. A
-    bytearray is used in place (the tensor shares its memory), anything else is copied once.
-    """
-    header, dims = _idx_header(data, source, shape)
-    if len(data) == header:
+        raise UserError(f"{source}: {what}: {len(data) - header} data bytes, header says {count}")
+    if count == 0:
         return torch.empty(dims, dtype=torch.uint8)
     buf = data if isinstance(data, bytearray) else bytearray(data)
     return torch.frombuffer(buf, dtype=torch.uint8, offset=header).reshape(dims)
 
 
-def _size(name: str) -> int:
-    """Bytes of the decompressed file: 4-byte magic, 4 bytes per dimension, the data."""
-    shape = FILES[name]
-    return 4 + 4 * len(shape) + math.prod(shape)
-
-
-def _read_into(f, limit: int) -> bytearray:
-    """Read at most limit + 1 bytes into one buffer (a longer file is caught by the length check)."""
-    buf = bytearray(limit + 1)
-    n, view = 0, memoryview(buf)
-    while n < len(buf):
-        got = f.readinto(view[n:])
-        if not got:
-            break
-        n += got
-    view.release()
-    del buf[n:]
-    return buf
-
-
-def gunzip(path: str, limit: int) -> bytearray:
-    """Decompress a .gz file, reading at most `limit` + 1 bytes (so a gzip bomb cannot fill memory)."""
-    try:
-        with gzip.open(path, "rb") as f:
-            data = _read_into(f, limit)
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError = truncated
-        raise DataError(f"{path}: not a valid gzip file ({e or type(e).__name__})") from None
-    if len(data) > limit:
-        raise DataError(f"{path}: decompresses to more than the expected {limit} bytes")
-    return data
-
-
-def check_bytes(data, name: str, source: str) -> None:
-    """Structure first (clearer messages), then the checksum of the whole content."""
-    _idx_header(data, source, FILES[name])
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != SHA256[name]:
-        raise DataError(f"{source}: SHA-256 {digest[:12]}... does not match SHA256SUMS ({SHA256[name][:12]}...)")
-
-
 def read_file(raw: str, name: str) -> bytearray | None:
-    """The verified content of `raw/name`, decompressing `name.gz` beside it if needed.
-
-    None if neither file exists. Never deletes or overwrites anything but its own temp file.
-    """
-    plain = os.path.join(raw, name)
-    gz = plain + ".gz"
-    if os.path.isfile(plain):
-        try:
-            with open(plain, "rb") as f:
-                data = _read_into(f, _size(name))
-        except OSError as e:
-            raise DataError(f"{plain}: cannot read ({e.strerror or e})") from None
-        try:
-            check_bytes(data, name, plain)
-        except DataError as e:
-            raise DataError(f"{e}; delete it to re-extract it from {name}.gz") from None
-        return data
-    if not os.path.isfile(gz):
+    """The verified content of `raw/name` (structure, then the SHA-256 of SHA256SUMS), decompressing
+    `name.gz` beside it if needed; None if neither exists. Reads at most one byte more than the
+    file should have, so a gzip bomb cannot fill memory. Never deletes or overwrites anything
+    but its own temp file."""
+    plain, limit = os.path.join(raw, name), 4 + 4 * len(FILES[name]) + math.prod(FILES[name])
+    source = plain if os.path.isfile(plain) else plain + ".gz"
+    if not os.path.isfile(source):
         return None
-    data = gunzip(gz, _size(name))
-    check_bytes(data, name, gz)
-    tmp = f"{plain}.{os.getpid()}.tmp"
-    try:  # write-then-rename, so an interrupted run never leaves a half-written file
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, plain)
-    except BaseException as e:  # Ctrl-C included: the 47 MB temp file never stays behind
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise DataError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
-        raise
+    try:
+        with (open(source, "rb") if source == plain else gzip.open(source, "rb")) as f:
+            data = bytearray(f.read(limit + 1))
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError: truncated
+        why = f"cannot read ({e.strerror or e})" if source == plain else f"not a valid gzip file ({e or type(e).__name__})"
+        raise UserError(f"{source}: {why}") from None
+    hint = f"; delete it to re-extract it from {name}.gz" if source == plain else ""
+    if len(data) > limit:
+        raise UserError(f"{source}: decompresses to more than the expected {limit} bytes{hint}")
+    try:
+        parse_idx(data, source, FILES[name])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != SHA256[name]:
+            raise UserError(f"{source}: SHA-256 {digest[:12]}... does not match SHA256SUMS ({SHA256[name][:12]}...)")
+    except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+    if source != plain:
+        tmp = f"{plain}.{os.getpid()}.tmp"
+        try:  # write-then-rename, so an interrupted run never leaves a half-written file
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, plain)
+        except BaseException as e:  # Ctrl-C included: the 47 MB temp file never stays behind
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise UserError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
+            raise
     return data
-
-
-def prepare_file(raw: str, name: str) -> bool:
-    """Make sure the verified, decompressed `raw/name` exists. False if neither it nor .gz exist."""
-    return read_file(raw, name) is not None
 
 
 def _download(data_dir: str) -> None:
@@ -185,66 +135,49 @@ def _download(data_dir: str) -> None:
     torchvision.datasets.MNIST(data_dir, train=True, download=True)
 
 
-def _remove_new_empty_folders(folders: list[str]) -> None:
-    """Remove those of `folders` (deepest first) that are empty: what a failed download made."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except OSError:  # not empty, or already gone
-            pass
-
-
 def _read_or_download(data_dir: str, names) -> list[bytearray]:
     raw = raw_dir(data_dir)
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data folder; pass --data-dir pointing at a folder that "
+        raise UserError(f"{data_dir}: no such data folder; pass --data-dir pointing at a folder that "
                         "holds MNIST/raw/ (the project ships one in dataset/)")
     found = [read_file(raw, name) for name in names]
-    missing = [name for name, got in zip(names, found) if got is None]
+    missing = [name + ".gz" for name, got in zip(names, found) if got is None]
     if missing:
         new = [f for f in (raw, os.path.dirname(raw)) if not os.path.exists(f)]  # deepest first
         try:
             _download(data_dir)
+            found = [read_file(raw, name) for name in names]
+            assert None not in found, "the files are still missing after the download"
         except BaseException as e:  # any failure of the fallback becomes the one-line message below
-            _remove_new_empty_folders(new)
+            for folder in new:  # what a failed download made, if empty
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
             if not isinstance(e, Exception):
                 raise
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(
-                f"{raw}: MNIST file(s) missing ({', '.join(m + '.gz' for m in missing)}) and the "
-                f"download failed ({reason}); copy the four MNIST .gz files there or pass "
-                "--data-dir pointing at a folder that holds MNIST/raw/") from None
-        found = [read_file(raw, name) for name in names]
-        if None in found:
-            raise DataError(f"{raw}: MNIST files still missing after the download")
+            raise UserError(f"{raw}: MNIST file(s) missing ({', '.join(missing)}) and the download failed "
+                            f"({first_line(e)}); copy the four MNIST .gz files there or pass --data-dir "
+                            "pointing at a folder that holds MNIST/raw/") from None
     return found
 
 
 def ensure_mnist(data_dir=DEFAULT_DATA_DIR) -> str:
-    """Verify (and decompress) all four files, downloading them if absent; returns the raw folder.
-
-    After this, torchvision.datasets.MNIST(data_dir) finds everything it needs.
-    """
+    """Verify (and decompress) all four files, downloading them if absent; returns the raw folder,
+    where torchvision.datasets.MNIST(data_dir) then finds everything it needs."""
     _read_or_download(os.fspath(data_dir), list(FILES))
     return raw_dir(data_dir)
 
 
 def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test'.
-
-    The same tensors as torchvision.datasets.MNIST(data_dir).data and .targets (a test checks),
-    decoded here from the verified bytes without a copy: importing torchvision would cost
-    ~190 MiB of resident memory and parse every file a second time.
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test':
+    the same tensors as torchvision.datasets.MNIST(data_dir).data and .targets (a test checks),
+    decoded from the verified bytes without a copy (torchvision would parse every file again)."""
+    assert split in ("train", "test"), split
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     images, labels = _read_or_download(os.fspath(data_dir), names)
     raw = raw_dir(data_dir)
-    images = parse_idx(images, os.path.join(raw, names[0]), FILES[names[0]]).unsqueeze(1)
-    labels = parse_idx(labels, os.path.join(raw, names[1]), FILES[names[1]]).long()
-    return images, labels
+    return (parse_idx(images, os.path.join(raw, names[0]), FILES[names[0]]).unsqueeze(1),
+            parse_idx(labels, os.path.join(raw, names[1]), FILES[names[1]]).long())
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -257,7 +190,7 @@ class TensorDataset:
     """A split resident on one device, as uint8 (4x smaller than float; converted per batch)."""
 
     images: torch.Tensor  # [N, 1, 28, 28] uint8
-    labels: torch.Tensor  # [N] int64
+    labels: torch.Tensor  # [N] int64, digits 0-9
 
     @classmethod
     def load(cls, split: str, data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None):
@@ -276,11 +209,10 @@ class TensorDataset:
         return self.images.shape[0]
 
     def gather(self, idx, labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stored uint8 images and (if asked for) the labels at `idx` (a slice or index tensor).
-        Training passes these on as they are, so a compiled step converts them in its graph."""
+        """The stored uint8 images and (if asked for) the labels at `idx` (a slice or index tensor)."""
         if isinstance(idx, slice):
             return self.images[idx], self.labels[idx] if labels else None
-        # index_select: 9x faster than images[idx] here (uint8 rows, CPU)
+        # index_select: a faster gather of uint8 rows on the CPU than images[idx] (benchmarks/)
         return self.images.index_select(0, idx), self.labels.index_select(0, idx) if labels else None
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:

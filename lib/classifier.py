@@ -1,6 +1,6 @@
-"""A small MNIST classifier whose penultimate features score generated digits (sample_quality.py).
+"""A small MNIST classifier whose penultimate features score generated digits (lib/evaluation.py).
 
-Trained by `python train_classifier.py` and shipped as `weights/mnist_classifier.pt`, checked by
+Trained by `python tools/train_classifier.py` and shipped as `weights/mnist_classifier.pt`, checked by
 SHA-256 before use like the data, so every user scores samples with the same network. The
 features are those of the last hidden layer, as the Fréchet Inception Distance uses Inception's
 pool layer (Heusel et al. 2017), here with a network trained on the digits themselves.
@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, first_line, read_archive
+from lib.checks import UserError, first_line, read_archive
 
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mnist_classifier.pt")
-# SHA-256 of the shipped weights file; train_classifier.py prints the value for a new file.
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                               "mnist_classifier.pt")
+# SHA-256 of the shipped weights file; tools/train_classifier.py prints the value for a new file.
 WEIGHTS_SHA256 = "2d5dc18886f00329842316b0d8899fef76a37bdf8ee3c081404c100752dea703"
 
 
@@ -75,17 +76,17 @@ def load_classifier(path: str = DEFAULT_WEIGHTS, device="cpu", check_sha256: boo
     """The shipped classifier in eval mode. The file must match WEIGHTS_SHA256 (unless
     check_sha256 is False, for a classifier trained anew); errors are one line naming the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no classifier weights; run `python train_classifier.py` "
+        raise UserError(f"{path}: no classifier weights; run `python tools/train_classifier.py` "
                               "(the project ships them in weights/)")
     if check_sha256:
         digest = sha256_of(path)
         if digest != WEIGHTS_SHA256:
-            raise CheckpointError(f"{path}: SHA-256 {digest[:12]}... is not the shipped classifier's "
+            raise UserError(f"{path}: SHA-256 {digest[:12]}... is not the shipped classifier's "
                                   f"({WEIGHTS_SHA256[:12]}...); restore it with git, or retrain it")
     saved = read_archive(path, map_location=device, what="classifier")
     try:
         model = DigitClassifier(ClassifierConfig(**saved["config"]))
         model.load_state_dict(saved["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a classifier saved by train_classifier.py ({first_line(e)})") from None
+        raise UserError(f"{path}: not a classifier saved by train_classifier.py ({first_line(e)})") from None
     return model.to(device).eval()

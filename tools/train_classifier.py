@@ -1,6 +1,6 @@
 """Train the MNIST classifier whose features score samples (`evaluate.py --sample-quality`).
 
-    python train_classifier.py        # writes weights/mnist_classifier.pt, prints its SHA-256
+    python tools/train_classifier.py  # writes weights/mnist_classifier.pt, prints its SHA-256
 
 The project ships the weights this command wrote; its SHA-256 is classifier.WEIGHTS_SHA256, so
 every user scores with the same network. Run it again only to study the classifier itself: a
@@ -9,7 +9,6 @@ new file has another hash, and evaluate.py then needs --classifier and --no-sha2
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -17,23 +16,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-from checkpoint import save_atomic
-from classifier import DEFAULT_WEIGHTS, DigitClassifier, sha256_of
-from data import TensorDataset, load_test_set, to_unit
-from training import epoch_permutation
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib import cli  # noqa: E402
+from lib.classifier import DEFAULT_WEIGHTS, DigitClassifier, sha256_of  # noqa: E402
+from lib.data import TensorDataset, load_test_set, to_unit  # noqa: E402
+from lib.files import check_output_path, save_atomic  # noqa: E402
+from lib.training import epoch_permutation  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(description="Train the MNIST classifier used to score samples.")
-    p.add_argument("--epochs", type=cli.number(int, 1, high=1000), default=6, help="passes over the training set")
-    p.add_argument("--batch-size", type=cli.number(int, 1, high=cli.MAX_BATCH), default=128, help="images per step")
-    p.add_argument("--lr", type=cli.positive_float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seeds init and shuffling")
+def build_parser() -> cli.Parser:
+    p = cli.Parser("Train the MNIST classifier used to score samples.")
+    p.add_argument("--epochs", type=cli.Number(int, 1, 1000), default=6, help="passes over the training set")
+    p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=128, help="images per step")
+    p.add_argument("--lr", type=cli.POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seeds init and shuffling")
     p.add_argument("--out", default=DEFAULT_WEIGHTS,
                    help="weights file to write (default: weights/mnist_classifier.pt)")
-    cli.add_device_flag(p)
-    cli.add_data_dir_flag(p)
+    cli.add_common(p, checkpoint=False)
     return p
 
 
@@ -47,7 +47,7 @@ def accuracy(model: DigitClassifier, data: TensorDataset) -> float:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cli.ensure_folder(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    check_output_path(args.out, "classifier weights")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device)
     test_set = load_test_set(args.data_dir, device)

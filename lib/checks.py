@@ -1,0 +1,328 @@
+"""The boundary: every untrusted input is checked here, once, with a one-line error.
+
+Checkpoint files (every field, before anything uses it), model configs, the latent mixture, the
+optimiser state, and the arguments of the model's Python API. model.py calls in here where its
+API promises a check; its math keeps asserts for programmer errors only.
+
+A checkpoint (format FORMAT) is a dict of plain types and tensors, so `torch.load(weights_only=True)`
+reads it: format, model_config, model (state dict), optimizer (state dict), epoch (completed
+epochs), step (steps done in the unfinished epoch), partial (that epoch's per-step sums [step, 3]),
+partial_seconds, rng (generator states), metrics (a dict per completed epoch), args (the training
+flags), latent_mixture (or None), sha256 (of model, optimizer and latent_mixture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import fields
+
+import torch
+
+FORMAT = 2
+MAX_EPOCHS = 1_000_000
+# Upper bounds on the sizes, far above any useful MNIST model: a config from a flag or a
+# checkpoint that asks for more is refused before torch tries to allocate it.
+MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
+            "num_classes": 1000, "channels": 4096, "res_blocks": 64}
+SEALED = ("model", "optimizer", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
+KEYS = ("format", "model_config", "model", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
+        "metrics", "args", "latent_mixture")  # and sha256, checked on its own
+
+
+class UserError(ValueError):
+    """A problem the user can fix (a flag, a file, an argument); str() is one line naming it.
+    The scripts print it and exit 1."""
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def first_line(e: BaseException) -> str:
+    """The informative part of an exception's message, on one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    # "Error(s) in loading state_dict for VAE:" says what, its next line why
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+# -- the Python API -----------------------------------------------------------------------------
+
+def check_config(config, choices: dict) -> None:
+    """UserError unless every field of a model config (a VAEConfig) has its type and range;
+    `choices` maps the string fields to their allowed values."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
+            raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    for name in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
+        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks") else 1
+        if not is_int(v) or not low <= v <= MAX_SIZE[name]:
+            raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
+    ch = config.channels
+    if not (isinstance(ch, (list, tuple)) and len(ch) == 2
+            and all(is_int(c) and 1 <= c <= MAX_SIZE["channels"] for c in ch)):
+        raise UserError(f"channels must be two ints in [1, {MAX_SIZE['channels']}], got {ch!r}")
+    if config.arch == "mlp" and config.res_blocks:
+        raise UserError(f"res_blocks needs the conv arch, got {config.res_blocks} with arch 'mlp'")
+    if config.arch == "conv" and config.image_size % 4:
+        raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")
+
+
+def as_labels(labels, num_classes: int, n: int | None, device) -> torch.Tensor | None:
+    """Labels (an int, a list or a tensor of class numbers) as a 1-d long tensor on `device`, or
+    None for an unconditional model; UserError for labels the model cannot take. n: how many
+    there must be (None: any number; a single label is repeated n times)."""
+    if num_classes == 0:
+        if labels is not None:
+            raise UserError("this VAE is unconditional: it takes no labels")
+        return None
+    if labels is None:
+        raise UserError("this VAE is conditional: pass labels (digit classes)")
+    labels = torch.as_tensor(labels, device=device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UserError(f"labels must be integer class numbers, got dtype {labels.dtype}")
+    labels = labels.long().reshape(-1)
+    if n is not None and labels.numel() == 1:
+        labels = labels.expand(n)
+    if n is not None and labels.shape[0] != n:
+        raise UserError(f"got {labels.shape[0]} labels for a batch of {n}")
+    # Checked on the CPU only: on a GPU the comparison would stall the step on a host sync.
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"labels must be in [0, {num_classes - 1}]")
+    return labels
+
+
+def check_input(config, x: torch.Tensor, labels, k: int = 1, chunk: int = 1) -> torch.Tensor | None:
+    """The arguments of VAE.encode, loss and log_likelihood: images x [B, C, H, W] with pixels in
+    [0, 1] (checked on the CPU; on a GPU the check would stall every step on a host sync), labels
+    as `as_labels` takes them, ints k, chunk >= 1. Returns the labels as a tensor."""
+    for name, v in (("k", k), ("chunk", chunk)):
+        if not is_int(v) or v < 1:
+            raise UserError(f"{name} must be an int >= 1, got {v!r}")
+    shape = (config.image_channels, config.image_size, config.image_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        raise UserError(f"x must be [B, {', '.join(map(str, shape))}], got {list(x.shape)}")
+    if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(x)
+        if not (low >= 0 and high <= 1):  # also catches NaN
+            raise UserError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
+                            f"{high.item():g}] (divide 0-255 grey levels by 255)")
+    return as_labels(labels, config.num_classes, x.shape[0], x.device)
+
+
+def check_mixture(mixture, latent_dim: int, groups: int) -> None:
+    """UserError unless `mixture` holds finite weights [G, M] (positive, summing to 1), means
+    [G, M, d] and lower-triangular scale_tril [G, M, d, d] with a positive diagonal."""
+    if not isinstance(mixture, dict) or set(mixture) != {"weights", "means", "scale_tril"}:
+        raise UserError("latent mixture: expected the keys weights, means, scale_tril")
+    w, m, L = mixture["weights"], mixture["means"], mixture["scale_tril"]
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (w, m, L)):
+        raise UserError("latent mixture: weights, means and scale_tril must be float tensors")
+    if w.dim() != 2 or w.shape[0] != groups or w.shape[1] < 1:
+        raise UserError(f"latent mixture: weights must be [{groups}, M], got {list(w.shape)}")
+    g, k = w.shape
+    if tuple(m.shape) != (g, k, latent_dim) or tuple(L.shape) != (g, k, latent_dim, latent_dim):
+        raise UserError(f"latent mixture: means and scale_tril must be [{g}, {k}, {latent_dim}(, {latent_dim})]")
+    if not all(torch.isfinite(t).all() for t in (w, m, L)):
+        raise UserError("latent mixture: holds non-finite values")
+    if (w <= 0).any() or not torch.allclose(w.sum(1), torch.ones(g, dtype=w.dtype), atol=1e-4):
+        raise UserError("latent mixture: weights must be positive and sum to 1 per group")
+    if (torch.diagonal(L, dim1=-2, dim2=-1) <= 0).any() or not torch.equal(L, L.tril()):
+        raise UserError("latent mixture: scale_tril must be lower-triangular with a positive diagonal")
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
+    """The dict in a torch.save file, read safely: a file that is not a torch.save archive is never
+    unpickled, and torch.load(weights_only=True) admits tensors and plain data only. UserError,
+    one line naming the file, for a missing, foreign, truncated or crafted file (whose payload
+    never runs), or anything but a dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}")
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        try:
+            device = torch.device(map_location)
+        except (RuntimeError, TypeError, ValueError):
+            raise UserError(f"{path}: cannot load onto {map_location!r}: not a device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{path}: cannot load onto {device}: no CUDA device is available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"{path}: cannot load onto {device}: MPS is not available")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise UserError(f"{path}: refused to load: not a torch.save archive (truncated, corrupt "
+                        "or a foreign file); nothing in it was run")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: our error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                        "data (not a checkpoint written by train.py); nothing in it was run") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a {what} written by this project (holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def digest(obj) -> str:
+    """SHA-256 over a nested structure of dicts, lists and tensors (keys sorted; each tensor's
+    dtype, shape and bytes), so a flipped bit in a stored tensor is reported, not used."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def with_checksums(ckpt: dict) -> dict:
+    """The checkpoint with the SHA-256 of its SEALED parts stored under "sha256"."""
+    ckpt["sha256"] = {k: digest(ckpt[k]) for k in SEALED if ckpt.get(k) is not None}
+    return ckpt
+
+
+def load_checkpoint(path, map_location=None) -> dict:
+    """A checkpoint written by train.py, read (read_archive) and checked: format, checksums, and
+    the type and range of every field. The model is built from it by `load_model`."""
+    ckpt = read_archive(path, map_location)
+    path = os.fspath(path)
+
+    def require(ok, name: str, why: str):
+        if not ok:
+            raise UserError(f"{path}: bad checkpoint field {name}: {why}")
+
+    if "format" in ckpt and (ckpt["format"] != FORMAT or not is_int(ckpt["format"])):
+        raise UserError(f"{path}: checkpoint format {ckpt['format']!r}, this code reads {FORMAT}: train it "
+                        "again, or use the code it was written with (git log)")
+    missing = [k for k in KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint written by train.py (missing {', '.join(missing)})")
+    sums = ckpt.get("sha256")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise UserError(f"{path}: corrupt: no checksums, or they are not a dict of strings")
+    for k in SEALED:
+        if (ckpt[k] is None) != (k not in sums) or (k in sums and digest(ckpt[k]) != sums[k]):
+            raise UserError(f"{path}: corrupt: the {k} state does not match its stored SHA-256 (a damaged or edited file)")
+    require(isinstance(ckpt["model_config"], dict) and None not in ckpt["model_config"].values(),
+            "model_config", "not a dict of values")
+    require(isinstance(ckpt["model"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in ckpt["model"].items()), "model", "not a dict of named tensors")
+    for name, t in ckpt["model"].items():
+        require(t.is_floating_point() and torch.isfinite(t).all(), f"model[{name!r}]",
+                f"expected finite floating point values, got a {t.dtype} tensor")
+    epoch, step, partial, seconds, metrics = (ckpt[k] for k in ("epoch", "step", "partial", "partial_seconds", "metrics"))
+    require(is_int(epoch) and 0 <= epoch <= MAX_EPOCHS, "epoch", f"expected an int in [0, {MAX_EPOCHS}], got {epoch!r}")
+    require(is_int(step) and step >= 0, "step", f"expected an int >= 0, got {step!r}")
+    require(is_number(seconds) and seconds >= 0, "partial_seconds", f"expected a number >= 0, got {seconds!r}")
+    require(not step or isinstance(partial, torch.Tensor) and partial.is_floating_point()
+            and tuple(partial.shape) == (step, 3), "partial", f"expected a float tensor [{step}, 3] (the steps' sums)")
+    require(partial is None or step, "partial", "present at an epoch boundary (step 0)")
+    require(isinstance(metrics, list) and len(metrics) == epoch, "metrics", f"expected one entry per epoch ({epoch})")
+    for i, row in enumerate(metrics):
+        require(isinstance(row, dict) and all(isinstance(k, str) and is_number(v) for k, v in row.items())
+                and row.get("epoch") == i + 1, f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}")
+    require(isinstance(ckpt["args"], dict), "args", "not a dict")
+    for key in ("optimizer", "rng", "latent_mixture"):
+        require(ckpt[key] is None or isinstance(ckpt[key], dict), key, "not a dict")
+    for k, state in (ckpt["rng"] or {}).items():
+        require(isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1,
+                f"rng[{k!r}]", "expected a generator state (a 1-d uint8 tensor)")
+    return ckpt
+
+
+def load_model(path, model_class, config_class, mixture_class, map_location=None):
+    """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the
+    config, the weights and the latent mixture, each checked. Every problem is one UserError
+    naming the file."""
+    ckpt = load_checkpoint(path, map_location)
+    config = ckpt["model_config"]
+    expected = {f.name for f in fields(config_class)}
+    if set(config) != expected:
+        raise UserError(f"{path}: bad model config: expected the keys {', '.join(sorted(expected))}")
+    try:
+        model = model_class(config_class(**config))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad model config ({first_line(e)})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the stored model config ({first_line(e)})") from None
+    if ckpt["latent_mixture"] is not None:
+        try:
+            check_mixture(ckpt["latent_mixture"], model.config.latent_dim, max(1, model.config.num_classes))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        model.latent_mixture = mixture_class(**ckpt["latent_mixture"])
+    weights = next(iter(ckpt["model"].values()), None)
+    return model.to(weights.device if weights is not None else "cpu").eval(), ckpt
+
+
+def check_resumable(ckpt: dict, path, params: list) -> None:
+    """What --resume reads beyond the model: the RNG states and an Adam state dict for exactly these
+    parameters (one group, sane hyper-parameters; per parameter a step, exp_avg and exp_avg_sq of
+    its shape, finite). Optimizer.load_state_dict checks the group sizes only; anything else would
+    fail, or silently mislead, at the first step."""
+    def require(ok, why: str):
+        if not ok:
+            raise UserError(f"{path}: bad checkpoint field optimizer: {why}")
+
+    if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
+        raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
+    try:
+        torch.Generator().set_state(ckpt["rng"]["torch"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad checkpoint field rng['torch']: not a CPU generator state ({first_line(e)})") from None
+    groups, per_param = ckpt["optimizer"].get("param_groups"), ckpt["optimizer"].get("state")
+    require(isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict), "expected one parameter group")
+    g = groups[0]
+    require(g.get("params") == list(range(len(params))), f"its group does not list this model's {len(params)} parameters")
+    betas = g.get("betas")
+    require(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+            f"betas must be two numbers in [0, 1), got {betas!r}")
+    for name in ("lr", "eps", "weight_decay"):
+        require(is_number(g.get(name)) and g[name] >= 0, f"{name} must be a finite number >= 0, got {g.get(name)!r}")
+    require(isinstance(per_param, dict) and set(per_param) <= set(range(len(params))),
+            "its state is not keyed by this model's parameters")
+    for i, s in per_param.items():
+        require(isinstance(s, dict) and set(s) == {"step", "exp_avg", "exp_avg_sq"},
+                f"parameter {i}: expected step, exp_avg and exp_avg_sq")
+        step = s["step"]
+        require(isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()
+                and torch.isfinite(step).all() and step.item() >= 0, f"parameter {i}: step must be a finite float >= 0")
+        for name in ("exp_avg", "exp_avg_sq"):
+            t, p = s[name], params[i]
+            require(isinstance(t, torch.Tensor) and t.dtype == p.dtype and t.shape == p.shape,
+                    f"parameter {i}: {name} must be a {p.dtype} tensor of shape {list(p.shape)}")
+            require(torch.isfinite(t).all() and not (name == "exp_avg_sq" and (t < 0).any()),
+                    f"parameter {i}: {name} holds non-finite or negative values")

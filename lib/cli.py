@@ -1,0 +1,269 @@
+"""The command line: train.py's flag table, argument types, device choice, one-line errors.
+
+TRAIN_FLAGS is the one declaration of train.py's flags. It builds the argparse parser, and it
+re-checks the flags a checkpoint stores, with the same types and ranges: every flag marked RUN
+shapes the run's result, so it is stored in the checkpoint and restored by --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import sys
+
+import torch
+
+from lib.checks import MAX_EPOCHS, MAX_SIZE, UserError, is_int, is_number, load_model
+from lib.data import DEFAULT_DATA_DIR, NUM_CLASSES, mnist_mismatch
+from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS
+from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
+
+MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
+MAX_IW_K = 5000
+DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
+
+
+class Number:
+    """An argparse type: an int or a float in [low, high], or (low, high] with low_open. `check`
+    applies the same rule to a stored value."""
+
+    def __init__(self, kind, low, high=None, low_open=False):
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        return self.check(value)
+
+    def check(self, value):
+        if not (is_int(value) if self.kind is int else is_number(value)):
+            raise argparse.ArgumentTypeError(f"expected a finite {self.kind.__name__}, got {value!r}")
+        if value < self.low or (self.low_open and value == self.low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if self.low_open else '>='} {self.low}, got {value}")
+        if self.high is not None and value > self.high:
+            raise argparse.ArgumentTypeError(f"must be <= {self.high}, got {value}")
+        return value
+
+
+POSITIVE_INT, POSITIVE_FLOAT = Number(int, 1), Number(float, 0.0, low_open=True)
+SEED = Number(int, 0, 2**63 - 1)  # what torch.Generator.manual_seed takes
+RUN, GIVEN = True, False  # RUN: stored in the checkpoint and restored by --resume
+D = VAEConfig()
+TRAIN_FLAGS = (
+    ("--epochs", GIVEN, dict(type=Number(int, 1, MAX_EPOCHS), default=20, help="total epochs to train")),
+    ("--batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=128, help="images per step")),
+    ("--lr", RUN, dict(type=POSITIVE_FLOAT, default=3e-3, help="Adam learning rate")),
+    ("--lr-decay", RUN, dict(type=Number(float, 0.0, 1.0, low_open=True), default=0.8,
+                             help="multiply the learning rate by this every epoch (smoothly, per step)")),
+    ("--seed", RUN, dict(type=SEED, default=0, help="seeds init, shuffling and noise")),
+    ("--latent-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["latent_dim"]), default=D.latent_dim, help="size of z")),
+    ("--arch", RUN, dict(choices=ARCHS, default=D.arch,
+                         help="conv: small conv encoder/decoder; mlp: the pytorch/examples shape")),
+    ("--hidden-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["hidden_dim"]), default=D.hidden_dim,
+                               help="width of the fully connected hidden layer")),
+    ("--channels", RUN, dict(type=Number(int, 1, MAX_SIZE["channels"]), nargs=2, default=list(D.channels),
+                             metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")),
+    ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), default=None,
+                               help="residual blocks at each conv resolution, encoder and decoder "
+                                    "(default: 1 with the conv arch, 0 with mlp)")),
+    ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
+    ("--conditional", RUN, dict(action="store_true", help="conditional VAE: the digit label enters encoder and decoder")),
+    ("--binarize", RUN, dict(action="store_true",
+                             help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
+    ("--beta", RUN, dict(type=POSITIVE_FLOAT, default=1.0, help="weight of the KL term (beta-VAE)")),
+    ("--kl-warmup", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
+                              help="epochs over which the KL weight ramps linearly from 0 to beta")),
+    ("--iw-k", RUN, dict(type=Number(int, 1, MAX_IW_K), default=1,
+                         help="importance samples K per image: K > 1 trains on the importance-weighted "
+                              "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
+    ("--mixture-components", RUN, dict(type=Number(int, 0, MAX_COMPONENTS), default=None,
+                                       help="when training ends, fit a Gaussian mixture with this many components "
+                                            "to the training images' posterior means (per digit with "
+                                            "--conditional), which samples then come from; 0: none (default: "
+                                            f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit)")),
+    ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
+                          help="use only the first N training and N test images (quick runs)")),
+    ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256,
+                                    help="images per step when evaluating the test set")),
+    ("--precision", RUN, dict(choices=("auto", "fp32", "bf16"), default="auto",
+                              help="arithmetic of training and its per-epoch test loss; auto = bf16 autocast "
+                                   "where the CPU or GPU has native bf16, else fp32 (evaluate.py is always fp32)")),
+    ("--checkpoint", GIVEN, dict(default=DEFAULT_CHECKPOINT, help="checkpoint file to write")),
+    ("--resume", GIVEN, dict(action="store_true", help="continue the run stored in --checkpoint, with its flags")),
+    ("--overwrite", GIVEN, dict(action="store_true", help="start afresh even if --checkpoint exists (its run is lost)")),
+    ("--device", GIVEN, dict(default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                             help="auto picks cuda, then mps, then cpu")),
+    ("--data-dir", GIVEN, dict(default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (default: dataset/)")),
+    ("--compile", GIVEN, dict(action="store_true",
+                              help="torch.compile the objective (about 30 s of start-up on a 2-core CPU)")),
+)
+RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
+MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to every flag's help, unless the help already words its default."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit 2, and every flag's default shown."""
+
+    def __init__(self, description: str, flags=()):
+        super().__init__(description=description, formatter_class=_HelpFormatter)
+        for flag, _, keywords in flags:
+            self.add_argument(flag, **keywords)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_common(p: Parser, seed_help: str | None = None, checkpoint: bool = True) -> None:
+    """The flags the other scripts share with train.py: --device, --data-dir (as in TRAIN_FLAGS),
+    the --checkpoint they read, and --seed with its own help."""
+    for flag, _, keywords in TRAIN_FLAGS:
+        if flag in ("--device", "--data-dir"):
+            p.add_argument(flag, **keywords)
+    if checkpoint:
+        p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
+    if seed_help:
+        p.add_argument("--seed", type=SEED, default=0, help=seed_help)
+
+
+def check_flags(args) -> VAEConfig:
+    """The rules between train.py's flags, for the command line and for stored flags alike.
+    Returns the model config the flags describe; UserError names the flags."""
+    if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup):
+        raise UserError("--iw-k above 1 trains on the importance-weighted bound, which has no KL weight: "
+                        "leave --beta at 1 and --kl-warmup at 0")
+    try:
+        return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
+                         channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,
+                         num_classes=NUM_CLASSES if args.conditional else 0)
+    except ValueError as e:  # the config names its fields; the user typed flags
+        raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
+                               lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+
+
+def check_stored_flags(stored: dict, path, config: VAEConfig) -> argparse.Namespace:
+    """The RUN flags a checkpoint stores, each through its TRAIN_FLAGS type and range and the rules
+    between them, and in agreement with the stored model. Returns them as a Namespace."""
+    for flag, run, keywords in TRAIN_FLAGS:
+        name = flag[2:].replace("-", "_")
+        if not run:
+            continue
+        if name not in stored:
+            raise UserError(f"{path}: bad checkpoint field args[{name!r}]: missing")
+        v = stored[name]
+        try:
+            if keywords.get("action") == "store_true":
+                ok = isinstance(v, bool)
+            elif v is None:
+                ok = keywords.get("default") is None
+            elif "choices" in keywords:
+                ok = isinstance(v, str) and v in keywords["choices"]
+            elif "nargs" in keywords:
+                ok = isinstance(v, list) and len(v) == keywords["nargs"] and all(keywords["type"].check(c) for c in v)
+            else:
+                ok = keywords["type"].check(v) is not None
+        except argparse.ArgumentTypeError:
+            ok = False
+        if not ok:
+            raise UserError(f"{path}: bad checkpoint field args[{name!r}]: {v!r} is not a valid {flag}")
+    args = argparse.Namespace(**{name: stored[name] for name in RUN_FLAGS})
+    try:
+        if check_flags(args) != config:
+            raise UserError("they describe another model than the stored one")
+    except UserError as e:
+        raise UserError(f"{path}: bad checkpoint field args: {e}") from None
+    return args
+
+
+def load_vae(path, map_location=None) -> tuple[VAE, dict]:
+    """(model in eval mode, checkpoint dict), every field checked, the stored flags included, and
+    the model fit for MNIST; every problem is one UserError naming the file."""
+    model, ckpt = load_model(path, VAE, VAEConfig, GaussianMixture, map_location)
+    c = model.config
+    why = mnist_mismatch(c.image_channels, c.image_size, c.num_classes)
+    if why:
+        raise UserError(f"{path}: this model cannot be used on MNIST: {why}")
+    check_stored_flags(ckpt["args"], path, c)
+    return model, ckpt
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' takes cuda, then mps, then cpu; an explicit choice must be available."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (try --device auto)")
+    elif name == "mps" and not mps:
+        raise UserError("--device mps: MPS is not available (try --device auto)")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> bool:
+    """True to train under bf16 autocast; 'auto' uses it where the device computes bf16 natively
+    (so it is a speed-up, not an emulation)."""
+    if name == "bf16" and device.type == "mps":
+        raise UserError("--precision bf16: not supported on mps (use fp32)")
+    if name != "auto":
+        return name == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def keep_freed_memory() -> None:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel each step.
+
+    glibc serves blocks above a moving threshold with mmap and trims the heap's top on free, so
+    every training step on a CPU page-faulted its activations back in (benchmarks/epoch_speed.py
+    counts the faults per step). Allocations under 32 MiB now stay in the heap, which keeps up
+    to 256 MiB free for the next step; peak memory is what one step needs. A no-op where the C
+    library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit systems
+    mallopt(m_trim_threshold, 256 << 20)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes of memory available for new tensors on `device`, or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def run(main, argv=None) -> int:
+    """Call main(argv); a UserError becomes one line on stderr and exit code 1, Ctrl-C outside
+    train.py's own handling exit 130. Anything else is a bug and keeps its traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,171 @@
+"""Output files that never end up half-written, and a lock so two trainings cannot share one.
+
+Writes are atomic: a temp file in the same folder, fsync, then os.replace. A crash or SIGKILL at
+any moment leaves either the previous complete file or the new one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+
+import torch
+
+from lib.checks import UserError
+
+TMP_SUFFIX = ".tmp"
+
+
+def check_output_path(path, what: str = "output file", devices_ok: bool = False) -> str:
+    """The one check of an output path, before any work: refuse, in one line, an empty path, a
+    folder, a special file (with devices_ok, a character device or a pipe passes: write_atomic
+    writes to it directly), an unwritable file, or a folder that cannot be made or written."""
+    path = os.fspath(path)
+    if not path:
+        raise UserError(f"empty path given for the {what}")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, expected a path for the {what}")
+    target = os.path.realpath(path)
+    if os.path.exists(target):
+        mode = os.stat(target).st_mode
+        if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
+            raise UserError(f"{path}: not a regular file; refused to replace it with the {what}")
+        if not os.access(target, os.W_OK):
+            raise UserError(f"{path}: not writable")
+    probe = os.path.dirname(target)
+    while not os.path.exists(probe):  # the folder is made when the file is written
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        why = "not a folder" if not os.path.isdir(probe) else "not writable"
+        raise UserError(f"{path}: cannot create the {what} there ({probe} is {why})")
+    return path
+
+
+def make_folder(path) -> None:
+    """Create the folder of the file `path` if it is missing (one-line UserError if impossible)."""
+    folder = os.path.dirname(os.path.realpath(os.fspath(path)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+
+
+def write_atomic(path, write) -> None:
+    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`
+    (atomic on POSIX and Windows): readers see the old file or the new one, never part of one.
+
+    A symbolic link is followed (the file it points to is replaced, not the link). A character
+    device or a pipe (`--json /dev/null`) is written to directly. A failed write (a full disk,
+    say) raises UserError, one line, and leaves the previous file as it was and no temp file.
+    """
+    path = check_output_path(path, devices_ok=True)
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        try:
+            with open(target, "wb") as f:
+                write(f)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+        return
+    make_folder(target)
+    existed, folder = os.path.exists(target), os.path.dirname(target)
+    # Same folder, so os.replace is a rename, never a copy. The name says whose it is: pid and a
+    # random token, so remove_stale_temp_files can never mistake someone else's file for it.
+    tmp = f"{target}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:
+        kept = "the previous file is untouched" if existed else "nothing was written"
+        raise UserError(f"{path}: cannot write ({e.strerror or e}); {kept}") from None
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save `obj` to `path` through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp_files(path) -> list[str]:
+    """Delete the temp files that an earlier write_atomic of `path` left when its process was
+    killed: only names it makes (<name>.<pid>.<16 hex>.tmp), only of processes no longer alive.
+    Call it under the file's Lock. Returns what it removed."""
+    target = os.path.realpath(os.fspath(path))
+    folder, removed = os.path.dirname(target), []
+    pattern = re.compile(re.escape(os.path.basename(target)) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        full = os.path.join(folder, name)
+        if os.path.isfile(full) and not os.path.islink(full):
+            os.unlink(full)
+            removed.append(full)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but is not ours, or cannot tell: leave its files alone
+    return True
+
+
+class Lock:
+    """An exclusive lock on `<path>.lock`, so two trainings cannot write one checkpoint.
+
+    Uses flock, which the OS releases when the process dies (SIGKILL included), so a stale lock
+    file left behind never blocks the next run. Where flock does not exist (Windows), no lock.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path) + ".lock"
+        self._fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        make_folder(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{self.path}: another training is writing this checkpoint; "
+                            "wait for it or pass a different --checkpoint") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file may stay, harmlessly
+            self._fd = None

@@ -1,0 +1,161 @@
+"""Fitting a full-covariance Gaussian mixture by EM, to sample the latent space where data lie.
+
+Samples from the N(0, I) prior often land where no training image encodes to (the holes of the
+aggregate posterior) and decode to blurred or ambiguous digits. Fitting a mixture to the
+posterior means of the training images and sampling z from it instead is "ex-post density
+estimation" (Ghosh et al. 2020, sec. 4; Dai & Wipf 2019, "Diagnosing and Enhancing VAE Models").
+A conditional model gets one mixture per digit. The mixture itself, with `sample` and
+`log_prob`, is model.GaussianMixture; train.py fits it when training ends.
+
+Fitted instead to one posterior sample z ~ q(z|x) per training image, a mixture also serves as a
+prior p(z) for the likelihood (`evaluate.py --prior-components`): the decoder with a prior fitted
+to its aggregate posterior, a two-stage model as in Dai & Wipf 2019.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lib.data import to_unit
+from model import VAE, log_normal, reparameterize
+
+# The sample score improves with more components up to about 50 to 75 on the default model,
+# and samples drift towards copies of training digits with more (docs/results.md).
+DEFAULT_COMPONENTS = 50
+DEFAULT_COMPONENTS_PER_CLASS = 6  # conditional models: one mixture per digit, ~6,000 points each
+MAX_COMPONENTS = 1000
+RIDGE = 1e-4  # times the data's mean variance, added to every covariance's diagonal
+MIN_VARIANCE = 1e-6  # the variance the ridge is scaled by when the points have none (one point)
+ITERATIONS = 20  # EM iterations after the k-means start; the sample score had converged by then
+CHUNK = 8192  # points per block in fit: bounds its memory at a few [CHUNK, d * d] tensors
+
+
+def _m_step(counts, sum_x, sum_xx, floor):
+    """Weights, means and Cholesky factors of the covariances from the weighted sums
+    (counts [M], sum_x [M, d], sum_xx [M, d, d]) of an E-step."""
+    n = counts.sum()
+    counts = counts + 1e-10  # an empty component keeps a finite mean, its covariance the ridge
+    means = sum_x / counts.unsqueeze(1)
+    cov = sum_xx / counts.view(-1, 1, 1) - means.unsqueeze(2) * means.unsqueeze(1) + floor
+    return counts / n, means, torch.linalg.cholesky(cov)
+
+
+def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: int = 0,
+        ridge: float = RIDGE, tol: float = 1e-4, history: list | None = None):
+    """EM for a full-covariance Gaussian mixture on points x [N, d] (Bishop 2006, sec. 9.2.2).
+
+    Any N >= 1 points fit: the number of components is at most the number of distinct points
+    (one point, or repeated ones, give one component), and `ridge` times the points' mean
+    variance (MIN_VARIANCE if they have none) is added to each covariance's diagonal, so every
+    covariance is positive definite, even with fewer points than dimensions or a dimension of
+    zero variance. Deterministic for a seed on the CPU: the means start at points chosen by
+    greedy k-means++ seeding (Arthur & Vassilvitskii 2007), refined by 10 k-means steps whose
+    clusters give the first weights and covariances. float64, on data centred at their mean, in
+    blocks of CHUNK points. Stops after `iterations` EM steps, or sooner when the mean
+    log-likelihood per point gains less than `tol` nats; `history` receives that mean at every
+    E-step (it never decreases: a test checks).
+    Returns (weights [M], means [M, d], scale_tril [M, d, d]) as float32, M <= components.
+    """
+    assert x.dim() == 2 and len(x) >= 1 and components >= 1, (x.shape, components)
+    x = x.double()
+    n, d = x.shape
+    k = min(components, len(torch.unique(x, dim=0)))
+    centre = x.mean(0)
+    x = x - centre  # second moments about the data's mean keep the M-step's subtraction accurate
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    variance = x.var(0).mean().item() if n > 1 else 0.0
+    floor = ridge * (variance if variance > 0 else MIN_VARIANCE) * torch.eye(d, dtype=x.dtype, device=x.device)
+    sq = x.pow(2).sum(1)
+    # Greedy k-means++ seeding: each next mean is, of a few points drawn with probability ~ squared
+    # distance to the means so far, the one that leaves the smallest total squared distance. With
+    # k distinct points at most, some point is always at a positive distance.
+    trials = 2 + int(math.log(k))
+    means = x[torch.randint(n, (1,), generator=g, device=x.device)]
+    dist = (x - means[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        cand = torch.multinomial(dist / dist.sum(), trials, replacement=True, generator=g)
+        d_cand = torch.minimum(dist, sq.unsqueeze(0) - 2 * x[cand] @ x.T + sq[cand].unsqueeze(1))  # [trials, N]
+        best = int(d_cand.sum(1).argmin())
+        means = torch.cat([means, x[cand[best]].unsqueeze(0)])
+        dist = d_cand[best].clamp(min=0)
+    for _ in range(10):  # k-means (Lloyd) steps; an emptied cluster keeps its mean
+        nearest = (sq.unsqueeze(1) - 2 * x @ means.T + means.pow(2).sum(1)).argmin(1)
+        counts = torch.bincount(nearest, minlength=k).double()
+        sums = torch.zeros_like(means).index_add_(0, nearest, x)
+        means = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), means)
+    # The k-means clusters as hard responsibilities give the first weights and covariances.
+    sums, _ = _weighted_sums(x, k, lambda i, xb: (F.one_hot(nearest[i:i + CHUNK], k).to(x.dtype), 0.0))
+    weights, means, scale_tril = _m_step(*sums, floor)
+    previous = -math.inf
+    for _ in range(iterations):
+        def e_step(i, xb):  # responsibilities r[n, m] = p(component m | x_n), and sum of log p(x_n)
+            joint = log_normal(xb, means, scale_tril) + weights.log()
+            ll = torch.logsumexp(joint, dim=1, keepdim=True)
+            return torch.exp(joint - ll), ll.sum().item()
+
+        sums, total = _weighted_sums(x, k, e_step)
+        mean_ll = total / n
+        if history is not None:
+            history.append(mean_ll)
+        if mean_ll - previous < tol:
+            break
+        previous = mean_ll
+        weights, means, scale_tril = _m_step(*sums, floor)
+    return weights.float(), (means + centre).float(), scale_tril.float()
+
+
+def _weighted_sums(x: torch.Tensor, k: int, responsibilities):
+    """Block by block, r = responsibilities(start, block) [B, k] (and a number to add up), then
+    the M-step's sums: counts [k], sum of r x [k, d], sum of r x x^T [k, d, d]."""
+    n, d = x.shape
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device)
+    sum_x = torch.zeros(k, d, dtype=x.dtype, device=x.device)
+    sum_xx = torch.zeros(k, d * d, dtype=x.dtype, device=x.device)
+    total = 0.0
+    for i in range(0, n, CHUNK):
+        xb = x[i:i + CHUNK]
+        r, extra = responsibilities(i, xb)
+        total += extra
+        counts += r.sum(0)
+        sum_x += r.T @ xb
+        sum_xx += r.T @ (xb.unsqueeze(2) * xb.unsqueeze(1)).flatten(1)
+    return (counts, sum_x, sum_xx.view(k, d, d)), total
+
+
+def default_components(num_classes: int) -> int:
+    return DEFAULT_COMPONENTS_PER_CLASS if num_classes else DEFAULT_COMPONENTS
+
+
+@torch.inference_mode()
+def fit_to_model(model: VAE, images: torch.Tensor, labels: torch.Tensor, components: int, seed: int = 0,
+                 batch_size: int = 500, posterior_samples: bool = False) -> dict | None:
+    """Fit the latent mixture of a VAE to the posterior means of `images` (uint8 or [0, 1] floats,
+    [N, C, H, W]; `labels` [N] for a conditional model: one mixture per class), or with
+    posterior_samples to one seeded draw z ~ q(z|x) per image (a prior for the likelihood).
+    Returns {"weights" [G, M], "means", "scale_tril"} on the CPU for model.GaussianMixture, with
+    one M for every group (the smallest group's fit), or None if a class has no image."""
+    was_training = model.training
+    model.eval()
+    k = model.config.num_classes
+    noise = torch.Generator(device=model.device).manual_seed(seed)
+    zs = []
+    for i in range(0, len(images), batch_size):
+        x = to_unit(images[i:i + batch_size].to(model.device))
+        y = labels[i:i + batch_size].to(model.device) if k else None
+        mu, logvar = model.encode(x, y)
+        if posterior_samples:
+            mu = reparameterize(mu, logvar, torch.randn(mu.shape, generator=noise, device=mu.device))
+        zs.append(mu.float().cpu())
+    model.train(was_training)
+    z = torch.cat(zs)
+    groups = [z] if k == 0 else [z[labels.cpu() == g] for g in range(k)]
+    if min(len(points) for points in groups) == 0:
+        return None
+    fits = [fit(points, components, seed=seed + g) for g, points in enumerate(groups)]
+    m = min(len(f[0]) for f in fits)  # stacked, so every group keeps the same number
+    if any(len(f[0]) > m for f in fits):
+        fits = [fit(points, m, seed=seed + g) for g, points in enumerate(groups)]
+    return {name: torch.stack([f[i] for f in fits]) for i, name in enumerate(("weights", "means", "scale_tril"))}

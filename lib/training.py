@@ -1,0 +1,259 @@
+"""What train.py's loop calls: set-up (a new run, or a stored one resumed), the schedule, saving,
+signals, the metrics CSV and the latent mixture fitted when training ends.
+
+Everything that decides a run's numbers is a pure function of the seed and the progress
+(epoch + step / steps), or is stored in the checkpoint (weights, Adam state, both generators,
+the running sums of an unfinished epoch), so a resumed run replays the run that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lib import cli, files
+from lib.checks import FORMAT, UserError, check_resumable, with_checksums
+from lib.data import TensorDataset, load_test_set
+from lib.mixture import default_components, fit_to_model
+from model import VAE, GaussianMixture
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
+                 "kl_weight", "seconds")
+IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test
+
+
+@dataclass
+class Run:
+    """A training run: set up by `setup`, saved whole by `save`, advanced by train.py's loop."""
+
+    args: argparse.Namespace
+    model: VAE
+    opt: torch.optim.Adam
+    noise: torch.Generator  # the reparameterisation noise and dynamic binarization
+    bf16: bool  # the objective runs under bf16 autocast
+    train_set: TensorDataset
+    test_set: TensorDataset
+    metrics: list = field(default_factory=list)  # one dict per completed epoch
+    epoch: int = 0  # completed epochs
+    step: int = 0  # > 0: resumed mid-epoch after this many steps, whose sums are `partial` [step, 3]
+    partial: torch.Tensor | None = None
+    partial_seconds: float = 0.0
+    on_disk: str = "no checkpoint was written"  # what a failure leaves on disk, for its message
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(len(self.train_set) / self.args.batch_size)
+
+
+def metrics_path(checkpoint: str) -> str:
+    """The CSV beside a checkpoint, named from the whole file name: no two checkpoints share one."""
+    return checkpoint + ".metrics.csv"
+
+
+@contextlib.contextmanager
+def setup(args):
+    """A new run from the flags, or with --resume the run stored in --checkpoint, continued with its
+    own flags; None if it has nothing left to do. Everything that can fail on the input (flags,
+    every checkpoint field, paths, data, device) is checked before anything is written, and the
+    checkpoint is read once; then the checkpoint's lock is held until the block ends."""
+    path, ckpt, model = args.checkpoint, None, None
+    if args.resume:
+        stamp = os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+        model, ckpt = cli.load_vae(path, map_location="cpu")
+        check_resumable(ckpt, path, list(model.parameters()))
+        restore_flags(args, ckpt["args"])
+        config = model.config
+        mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
+        if ckpt["epoch"] >= args.epochs and not mixture_missing:
+            print(f"{path} already has {ckpt['epoch']} epochs; pass --epochs above {ckpt['epoch']} to train on")
+            yield None
+            return
+    elif os.path.exists(path) and not args.overwrite:
+        raise UserError(f"{path} exists: pass --resume to continue it, --overwrite to start again, "
+                        "or --checkpoint for a new file")
+    else:
+        config = cli.check_flags(args)
+    args.res_blocks = config.res_blocks  # the number the model has (the flag's default is None)
+    files.check_output_path(path, "checkpoint")
+    files.check_output_path(metrics_path(path), "metrics CSV")
+    device = cli.pick_device(args.device)
+    train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
+    test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
+    steps = math.ceil(len(train_set) / args.batch_size)
+    if ckpt is not None and ckpt["step"] >= steps:
+        raise UserError(f"{path}: bad checkpoint field step: {ckpt['step']}, but an epoch has {steps} steps")
+    bf16 = cli.pick_precision(args.precision, device)
+    with files.Lock(path):
+        if ckpt is not None and os.stat(path).st_mtime_ns != stamp:
+            raise UserError(f"{path}: changed while this run started; run it again")
+        files.remove_stale_temp_files(path)  # only its own, of processes no longer alive
+        print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
+              + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")
+        torch.manual_seed(args.seed)  # the initial weights
+        model = (model or VAE(config)).to(device).train()
+        model.latent_mixture = None  # fitted to these weights when training ends
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
+        run = Run(args, model, opt, torch.Generator(device=device).manual_seed(args.seed), bf16, train_set, test_set)
+        if ckpt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            try:
+                run.noise.set_state(ckpt["rng"]["noise"])
+            except (RuntimeError, TypeError):
+                print("note: the checkpoint was written on another kind of device; noise RNG reseeded")
+            run.metrics, run.epoch, run.step = list(ckpt["metrics"]), ckpt["epoch"], ckpt["step"]
+            run.partial, run.partial_seconds = ckpt["partial"], ckpt["partial_seconds"]
+            run.on_disk = f"the last good checkpoint {path} is untouched"
+            print(f"resuming {path} after " + (f"epoch {run.epoch + 1}, step {run.step}" if run.step
+                                               else f"epoch {run.epoch}"))
+        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_set):,} images, "
+              f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))
+        if args.iw_k > 1:
+            print(f"objective: the importance-weighted bound with K = {args.iw_k} (IWAE); train and test "
+                  "loss are the negative ELBO, the IW bound is logged beside them")
+        if args.beta != 1.0 or args.kl_warmup:
+            print(f"note: the objective weighs the KL by {args.beta:g}"
+                  + (f", ramped from 0 over {args.kl_warmup} epochs" if args.kl_warmup else "")
+                  + "; every loss reported is the true negative ELBO (weight 1)")
+        yield run
+
+
+def restore_flags(args, stored: dict) -> None:
+    """--resume continues the run as it started: its RUN flags replace the command line's."""
+    defaults = cli.Parser("", cli.TRAIN_FLAGS)
+    for name in cli.RUN_FLAGS:
+        given, default = getattr(args, name), defaults.get_default(name)
+        if given != default and given != stored[name]:
+            print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run "
+                  f"({stored[name]})")
+        setattr(args, name, stored[name])
+
+
+def mixture_components(args, num_classes: int) -> int:
+    return default_components(num_classes) if args.mixture_components is None else args.mixture_components
+
+
+def learning_rate(args, progress: float) -> float:
+    """lr * lr_decay ** progress, `progress` in epochs (fractional within an epoch): a smooth decay."""
+    return args.lr * args.lr_decay ** progress
+
+
+def kl_weight(args, progress: float) -> float:
+    """Linear KL warm-up from 0 to beta over kl_warmup epochs; `progress` counts epochs done."""
+    return args.beta if args.kl_warmup == 0 else args.beta * min(1.0, progress / args.kl_warmup)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffling order of one epoch, a pure function of (seed, epoch): resumes replay it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63))
+
+
+def check_finite(stats: torch.Tensor, start: int, stop: int, run: Run, epoch: int) -> None:
+    """UserError at the first step in [start, stop) whose logged sums (recon, KL, objective) are
+    not finite. Reads the device's numbers, so train.py calls it every LOG_EVERY steps only."""
+    rows = stats[start:stop].cpu()
+    bad = ~torch.isfinite(rows)
+    if bad.any():
+        j = int(bad.any(dim=1).nonzero()[0])
+        terms = [f"{name} = {rows[j, c].item()}" for c, name in enumerate(("recon", "KL")) if bad[j, c]]
+        raise UserError(f"non-finite loss at epoch {epoch + 1}, step {start + j + 1} "
+                        f"({', '.join(terms or [f'objective = {rows[j, 2].item()}'])}); stopped, {run.on_disk}")
+
+
+def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+    """Write the checkpoint (atomically): the run after `epoch` complete epochs and `step` steps of
+    the next, whose per-step sums are stats[:step]; at an epoch boundary also the metrics CSV."""
+    ckpt = {
+        "format": FORMAT, "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(), "epoch": epoch, "step": step,
+        "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
+        "rng": {"torch": torch.get_rng_state(), "noise": run.noise.get_state()},
+        "metrics": run.metrics, "args": vars(run.args),
+        "latent_mixture": None if run.model.latent_mixture is None else run.model.latent_mixture.state(),
+    }
+    files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
+    if step == 0:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ()), lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in run.metrics)
+        files.write_atomic(metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))
+        run.on_disk = f"the last good checkpoint {run.args.checkpoint} (epoch {epoch}) is untouched"
+
+
+def fit_latent_mixture(run: Run) -> None:
+    """Fit the latent mixture (lib/mixture.py) that samples come from, and save it in the checkpoint."""
+    m = mixture_components(run.args, run.model.config.num_classes)
+    if m == 0:
+        return
+    t0 = time.perf_counter()
+    fitted = fit_to_model(run.model, run.train_set.images, run.train_set.labels, m, run.args.seed)
+    if fitted is None:
+        print("note: no latent mixture fitted (a digit has no training image); samples come from the prior")
+        return
+    run.model.latent_mixture = GaussianMixture(**fitted).to(run.model.device)
+    save(run, run.epoch)
+    groups, got = run.model.config.num_classes, fitted["weights"].shape[1]
+    print(f"latent mixture: {f'{groups} mixtures (one per digit) of ' if groups else ''}{got} components"
+          f"{f' (of {m} asked for: fewer distinct points)' if got < m else ''} fitted to "
+          f"{len(run.train_set):,} posterior means in {time.perf_counter() - t0:.1f} s")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT and SIGTERM, handled the same in every phase of a run. Inside `deferred()` (the step
+    loop, the evaluation and the save of an epoch) a signal is recorded in `received` and the loop
+    stops between two steps, after saving; elsewhere (set-up, data loading, the mixture fit) it
+    raises Interrupted at once, and `report` says what is kept and how to finish."""
+
+    def __init__(self):
+        self.received, self._defer, self._old = None, False, {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if not self._defer:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def report(args, signum: int, where: str, kept: str) -> int:
+    """The one line a signal leaves on stderr; returns the shell's exit code (130 SIGINT, 143 SIGTERM)."""
+    print(f"{signal.Signals(signum).name} {where}: {kept}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def resume_hint(args) -> str:
+    return f"resume with: python train.py --resume --checkpoint {args.checkpoint} --epochs {args.epochs}"

@@ -1,0 +1,271 @@
+"""The scripts end to end, in tmp_path, on a few hundred real images and a tiny model."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import generate
+import train
+from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script
+from lib.checks import load_checkpoint, with_checksums
+from lib.classifier import load_classifier
+from lib.data import TensorDataset, load_test_set
+from lib.evaluation import active_dimensions, classify, frechet_distance
+from model import VAE
+from tools import fit_mixture
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch tiny run through the real CLI (a subprocess, as a user runs it)."""
+    ckpt = tmp_path_factory.mktemp("run") / "vae.pt"
+    proc = run_script("train.py", *TINY, "--epochs", 2, "--checkpoint", ckpt)
+    assert proc.returncode == 0, proc.stderr
+    return ckpt, proc
+
+
+def test_train_writes_checkpoint_and_metrics(trained):
+    ckpt, proc = trained
+    assert "device: cpu" in proc.stdout and "epoch   2/2" in proc.stdout
+    c = load_checkpoint(ckpt)
+    assert c["epoch"] == 2 and c["step"] == 0 and len(c["metrics"]) == 2
+    assert {"model", "optimizer", "rng", "model_config", "args"} <= set(c)
+    rows = read_csv(ckpt.with_name("vae.pt.metrics.csv"))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"epoch", "train_loss", "test_loss", "recon", "kl", "seconds"} <= set(rows[0])
+    for r in rows:
+        assert abs(float(r["test_loss"]) - float(r["recon"]) - float(r["kl"])) < 1e-3
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    model = VAE.from_checkpoint(ckpt)  # rebuilt from the file alone
+    assert not model.training and model.config.latent_dim == 4
+
+
+def test_generate_writes_valid_pngs_and_repeats(trained, tmp_path):
+    ckpt, _ = trained
+    outs = []
+    for name in ("a", "b"):
+        proc = run_script("generate.py", "--checkpoint", ckpt, "--out", tmp_path / name, "--seed", 3)
+        assert proc.returncode == 0, proc.stderr
+        outs.append([line.split()[0] for line in proc.stdout.splitlines()])
+    names = [p.rsplit("/", 1)[1] for p in outs[0]]
+    assert names == ["reconstructions.png", "samples.png", "samples_prior.png", "interpolation.png",
+                     "traversal.png"]
+    for a, b in zip(*outs):
+        with Image.open(a) as img:
+            img.verify()  # a complete, valid PNG
+        with Image.open(a) as img:
+            assert img.format == "PNG" and min(img.size) > 28
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            assert fa.read() == fb.read()  # same seed, same images
+    with Image.open(outs[0][1]) as samples:
+        assert samples.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples, 8 per row, 2-pixel padding
+
+
+def test_existing_checkpoint_is_not_overwritten_by_accident(trained, tmp_path):
+    ckpt, _ = trained
+    before = ckpt.read_bytes()
+    line = one_line_error(run_script("train.py", *TINY, "--checkpoint", ckpt))
+    assert "exists" in line and "--resume" in line and ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--epochs", "0"], "--epochs"), (["--latent-dim", "0"], "--latent-dim"),
+    (["--device", "tpu"], "--device"), (["--lr", "nan"], "--lr"), (["--batch-size", "-3"], "--batch-size"),
+    (["--beta", "0"], "--beta"), (["--epochs", "two"], "--epochs"),
+])
+def test_bad_train_values_give_one_line_and_exit_2(args, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "error" in err
+
+
+@pytest.mark.parametrize("args", [["--n", "0"], ["--digit", "10"], ["--seed", "-1"], ["--device", "gpu"]])
+def test_bad_generate_values_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(args)
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_without_checkpoint_says_train_first(tmp_path):
+    line = one_line_error(run_script("generate.py", "--checkpoint", tmp_path / "none.pt"))
+    assert "python train.py" in line
+
+
+def test_res_blocks_need_the_conv_arch(tmp_path):
+    line = one_line_error(run_script("train.py", "--arch", "mlp", "--res-blocks", 1,
+                                     "--checkpoint", tmp_path / "m.pt"))
+    assert "--res-blocks" in line and not (tmp_path / "m.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def binarized_run(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("bin") / "vae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--binarize", "--checkpoint", str(ckpt)]) == 0
+    return ckpt
+
+
+def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
+    out = tmp_path / "nll.json"
+    assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "20", "--limit", "50",
+                          "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "binarized protocol" in printed and "bits/dim" in printed
+    r = json.loads(out.read_text())
+    assert r["k"] == 20 and r["images"] == 50 and r["protocol"] == "binarized"
+    assert r["nll"] <= r["neg_elbo"] + 1.0  # the IS bound is tighter than one-sample ELBO
+    assert abs(r["bits_per_dim"] - r["nll"] / (784 * math.log(2))) < 1e-9
+    assert abs(r["neg_elbo"] - r["recon"] - r["kl"]) < 1e-6
+    line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "missing.pt"], capsys)
+    assert "no such checkpoint" in line
+
+
+def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys):
+    out = tmp_path / "nll.json"
+    assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
+                          "--prior-components", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
+    assert "mixture prior" in capsys.readouterr().out
+    # the N(0, I) figure does not depend on whether a fitted prior is scored beside it
+    assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
+                          "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["nll"] == pytest.approx(r["nll"], abs=1e-9)
+    line = cli_error(evaluate.main, ["--checkpoint", binarized_run, "--prior-components", "3",
+                                     "--sample-quality"], capsys)
+    assert "--prior-components" in line
+
+
+def test_conditional_training_and_generation(tmp_path, capsys):
+    ckpt = tmp_path / "cvae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--conditional", "--checkpoint", str(ckpt)]) == 0
+    model = VAE.from_checkpoint(ckpt)
+    assert model.config.num_classes == 10
+    assert model.sample(3, labels=7).shape == (3, 1, 28, 28)
+    out = tmp_path / "img"
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(out), "--n", "5"]) == 0
+    with Image.open(out / "samples.png") as im:  # 10 rows (one per digit) of 5
+        assert im.size == (5 * 30 + 2, 10 * 30 + 2)
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(out), "--digit", "7", "--n", "4"]) == 0
+    with Image.open(out / "samples_digit7.png") as im:
+        assert im.size == (4 * 30 + 2, 30 + 2)
+    capsys.readouterr()
+    r = evaluate.main(["--checkpoint", str(ckpt), "--k", "3", "--limit", "20"])
+    assert r == 0 and "NLL" in capsys.readouterr().out
+
+
+def test_two_d_latent_writes_manifold(tmp_path):
+    ckpt = tmp_path / "vae2d.pt"
+    assert train.main([*TINY, "--epochs", "1", "--latent-dim", "2", "--checkpoint", str(ckpt)]) == 0
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "manifold.png") as im:
+        assert im.size == (20 * 30 + 2, 20 * 30 + 2)
+
+
+def test_traversal_shows_the_active_dimensions_and_counts_the_rest(tmp_path, capsys):
+    """traversal.png has one row per active latent dimension (mean KL over the test set above
+    ACTIVE_KL), most active first, and its output line says how many were left out."""
+    ckpt = tmp_path / "vae.pt"
+    assert train.main([*TINY, "--limit", "1024", "--epochs", "3", "--lr", "1e-2", "--latent-dim", "32", "--seed", "1",
+                       "--precision", "fp32", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "traversal.png" in line)
+    shown, active, inactive = map(int, re.search(r"(\d+) of the (\d+) active latent dimensions \(of 32; "
+                                                 r"(\d+) inactive\)", line).groups())
+    model = VAE.from_checkpoint(ckpt)
+    order, expected = active_dimensions(model, load_test_set())
+    assert (active, inactive) == (expected, 32 - expected) and 0 < expected < 32
+    assert shown == max(1, min(active, 16))
+    with Image.open(tmp_path / "traversal.png") as im:
+        assert im.size == (11 * 30 + 2, shown * 30 + 2)
+
+
+@pytest.fixture
+def run_with_mixture(mixture_run):
+    return mixture_run
+
+
+def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_path):
+    ckpt = tmp_path / "vae.pt"
+    c = load_checkpoint(run_with_mixture)
+    c["latent_mixture"] = None  # as a run with --mixture-components 0 leaves it
+    torch.save(with_checksums(c), ckpt)
+    assert VAE.from_checkpoint(ckpt).latent_mixture is None
+    assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "3"]) == 0
+    assert VAE.from_checkpoint(ckpt).latent_mixture.weights.shape == (1, 3)
+    assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "0"]) == 0
+    assert VAE.from_checkpoint(ckpt).latent_mixture is None
+
+
+def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):
+    assert generate.main(["--checkpoint", str(run_with_mixture), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "samples_prior.png").exists()
+    assert (tmp_path / "samples.png").read_bytes() != (tmp_path / "samples_prior.png").read_bytes()
+
+
+def test_shipped_classifier_scores_test_images_near_zero_and_noise_high():
+    clf = load_classifier()  # checks the SHA-256
+    test = TensorDataset.load("test")
+    train_set = TensorDataset.load("train", limit=10000)
+    f_test, pred = classify(clf, test.images)
+    f_train, _ = classify(clf, train_set.images)
+    assert (pred == test.labels).double().mean() > 0.98
+    floor = frechet_distance(f_test, f_train)  # 4.8 here; 2.4 against all 60,000 (README)
+    noise = torch.rand(10000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fd_noise = frechet_distance(classify(clf, noise)[0], f_test)
+    assert floor < 6.0 and fd_noise > 200 * floor, (floor, fd_noise)
+
+
+KEYS = {"fd", "fd_prior", "class_entropy", "digit_accuracy", "nn_samples", "nn_test_recon"}
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_evaluate_sample_quality_cli(tmp_path, conditional, capsys):
+    ckpt = tmp_path / "vae.pt"
+    extra = ["--conditional"] if conditional else []
+    assert train.main([*TINY, "--epochs", "1", *extra, "--checkpoint", str(ckpt)]) == 0
+    for with_mixture in (True, False):
+        if not with_mixture:
+            assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "0"]) == 0
+        out = tmp_path / f"q{with_mixture}.json"
+        assert evaluate.main(["--checkpoint", str(ckpt), "--sample-quality", "--samples", "300",
+                              "--limit", "300", "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert KEYS <= set(r) and r["mixture"] == with_mixture
+        assert 0 <= r["class_entropy"] <= math.log(10) + 1e-9
+        assert r["fd"] > 0 and r["fd_prior"] > 0 and r["nn_samples"] > 0 and r["nn_test_recon"] > 0
+        assert (r["digit_accuracy"] is not None) == conditional
+        if not with_mixture:
+            assert r["fd"] == pytest.approx(r["fd_prior"], rel=0.5)  # both from the prior
+    printed = capsys.readouterr().out
+    assert "fd " in printed and "nn_samples" in printed
+
+
+def test_sample_quality_errors_are_one_line(tmp_path, run_with_mixture, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--sample-quality",
+                                     "--classifier", tmp_path / "none.pt"], capsys)
+    assert "none.pt" in line and "no classifier" in line
+    fake = tmp_path / "clf.pt"
+    fake.write_bytes(b"not a classifier")
+    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--sample-quality",
+                                     "--classifier", fake], capsys)
+    assert "SHA-256" in line
+
+
+def test_benchmark_runs_and_reports_every_pipeline():
+    """The README's benchmark command still runs (here on 256 images; no timing is asserted)."""
+    out = subprocess.run([sys.executable, "benchmarks/epoch_speed.py", "--models", "mlp",
+                          "--rounds", "1", "--limit", "256"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=240)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("mlp ")}
+    assert {"project", "conventional", "conv."} <= rows
+    assert "speed-up:" in out.stdout

@@ -1,0 +1,60 @@
+"""Fit (or refit) the latent mixture of an existing checkpoint, without training again.
+
+    python tools/fit_mixture.py --checkpoint checkpoints/vae.pt                 # the default size
+    python tools/fit_mixture.py --checkpoint checkpoints/vae.pt --components 0  # remove it
+
+train.py fits the mixture when training ends; this refits it with another number of components
+(lib/mixture.py says what the mixture is).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib import cli  # noqa: E402
+from lib.checks import UserError, with_checksums  # noqa: E402
+from lib.data import TensorDataset  # noqa: E402
+from lib.files import Lock, save_atomic  # noqa: E402
+from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS, fit_to_model  # noqa: E402
+from lib.mixture import default_components  # noqa: E402
+
+
+def build_parser() -> cli.Parser:
+    p = cli.Parser("Fit the latent mixture of a trained checkpoint.")
+    cli.add_common(p, seed_help="seeds the fit")
+    p.add_argument("--components", type=cli.Number(int, 0, MAX_COMPONENTS), default=None,
+                   help=f"mixture components, per digit for a conditional model; 0 removes the mixture "
+                        f"(default: {DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit for a "
+                        "conditional model)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.keep_freed_memory()
+    device = cli.pick_device(args.device)
+    model, ckpt = cli.load_vae(args.checkpoint, map_location="cpu")  # a bad file: refused before the lock
+    with Lock(args.checkpoint):
+        model.to(device)
+        k = default_components(model.config.num_classes) if args.components is None else args.components
+        if k == 0:
+            ckpt["latent_mixture"] = None
+            print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")
+        else:
+            data = TensorDataset.load("train", args.data_dir, device, ckpt["args"]["limit"])  # as trained
+            t0 = time.perf_counter()
+            ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, k, args.seed)
+            if ckpt["latent_mixture"] is None:
+                raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
+            print(f"{args.checkpoint}: {ckpt['latent_mixture']['weights'].shape[1]}-component latent mixture "
+                  f"fitted to {len(data):,} posterior means in {time.perf_counter() - t0:.1f} s")
+        save_atomic(with_checksums(ckpt), args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
