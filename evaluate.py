@@ -33,7 +33,7 @@ import time
 
 from lib import cli
 from lib.checks import UserError
-from lib.classifier import DEFAULT_WEIGHTS, load_classifier
+from lib.evaluation import DEFAULT_WEIGHTS, load_classifier
 from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
 from lib.evaluation import importance_nll, negative_elbo, sample_scores
 from lib.files import check_output_path, write_atomic

@@ -48,7 +48,7 @@ def build_parser() -> cli.Parser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         raise UserError(f"{args.checkpoint}: no checkpoint; run `python train.py` first (or pass --checkpoint)")
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)

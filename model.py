@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checks import as_labels, check_config, check_input, load_model
+from lib.checks import check_config, check_input, check_latent, load_model
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU}
@@ -236,9 +236,11 @@ class VAE(nn.Module):
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z: [B, latent_dim] -> Bernoulli logits [B, C, H, W]; labels: [B] long, as encode returns them."""
+    def decode(self, z: torch.Tensor, labels=None) -> torch.Tensor:
+        """z: [B, latent_dim] -> Bernoulli logits [B, C, H, W]. labels: as for `encode`. UserError
+        (a ValueError) for a z or labels the model cannot take."""
         c = self.config
+        labels = check_latent(c, z, labels)
         h = self.dec_head(with_labels(z, labels, c.num_classes))
         if c.arch == "conv":
             h = self.dec_body(h.view(-1, *self.feat_shape))
@@ -274,11 +276,10 @@ class VAE(nn.Module):
         (None: drawn with torch.randn). reduction: "mean" over images, "sum", or "none" ([B]).
         UserError for images or labels the model cannot take, as `encode`.
         """
-        labels = check_input(self.config, x, labels, k)
+        labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction)
         mu, logvar = self.encode(x, labels)
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
-        assert eps.shape == (k, *mu.shape), f"eps must be [{k}, {', '.join(map(str, mu.shape))}]"
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
         kl = gaussian_kl(mu.float(), logvar.float())
         c = log_ratio[0] + kl
@@ -286,7 +287,6 @@ class VAE(nn.Module):
         parts = LossParts(total, -log_px_z[0], kl)
         if reduction == "none":
             return parts
-        assert reduction in ("mean", "sum"), reduction
         return LossParts(*(t.mean() if reduction == "mean" else t.sum() for t in parts))
 
     @torch.no_grad()
@@ -323,9 +323,11 @@ class VAE(nn.Module):
         z comes from the fitted latent mixture when the model has one (for a conditional model,
         each image's from its label's mixture, class by class in increasing order), else, or with
         prior=True, from N(0, I); all draws from `generator`. labels: one label for all n, or n of
-        them (conditional models only; UserError otherwise).
+        them (conditional models only). UserError (a ValueError) for n < 1 or labels the model
+        cannot take.
         """
-        labels = as_labels(labels, self.config.num_classes, n, self.device)
+        labels = check_latent(self.config, None, labels, n, generator)
+        labels = None if labels is None else labels.to(self.device)
         mixture = None if prior else self.latent_mixture
         if mixture is None:
             z = self.prior.sample(n, generator)

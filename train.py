@@ -83,6 +83,8 @@ def train(run: training.Run, signals: training.Signals) -> int:
                 (parts.total.sum() / len(x)).backward()  # the batch mean
                 stats[step] += torch.stack([parts.recon.sum(), parts.kl.sum(), parts.total.sum()]).detach()
             opt.step()
+            if run.ema is not None:  # the average that evaluation and sampling use
+                training.update_ema(run.ema, model, args.ema, epoch * steps + step + 1)
             if signals.received is not None or (step + 1) % LOG_EVERY == 0:
                 training.check_finite(stats, max(0, step + 1 - LOG_EVERY), step + 1, run, epoch)
                 bar.set_postfix(loss=f"{stats[:step + 1, :2].sum().item() / min(n, (step + 1) * bs):.2f}")
@@ -95,12 +97,12 @@ def train(run: training.Run, signals: training.Signals) -> int:
         training.check_finite(stats, 0, steps, run, epoch)
 
         train_recon, train_kl, train_objective = (stats.sum(0) / n).tolist()
-        test = negative_elbo(model, run.test_set, args.eval_batch_size, args.seed, run.bf16)
+        test = negative_elbo(run.ema or model, run.test_set, args.eval_batch_size, args.seed, run.bf16)
         row = {"epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
                "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
                "kl_weight": training.kl_weight(args, epoch + 1)}
         if args.iw_k > 1:  # the bound the run optimises, on the test set too (fp32, seeded)
-            test_iw = importance_nll(model, run.test_set, args.iw_k, min(args.iw_k, 100), args.eval_batch_size,
+            test_iw = importance_nll(run.ema or model, run.test_set, args.iw_k, min(args.iw_k, 100), args.eval_batch_size,
                                      args.seed)[0]
             row.update(train_iw=train_objective, test_iw=test_iw)
         row["seconds"] = time.perf_counter() - started  # the epoch's training and evaluation

@@ -5,7 +5,8 @@ optimiser state, and the arguments of the model's Python API. model.py calls in 
 API promises a check; its math keeps asserts for programmer errors only.
 
 A checkpoint (format FORMAT) is a dict of plain types and tensors, so `torch.load(weights_only=True)`
-reads it: format, model_config, model (state dict), optimizer (state dict), epoch (completed
+reads it: format, model_config, model (state dict of the trained weights), ema (of their moving
+average, or None: the weights a loaded model gets), optimizer (state dict), epoch (completed
 epochs), step (steps done in the unfinished epoch), partial (that epoch's per-step sums [step, 3]),
 partial_seconds, rng (generator states), metrics (a dict per completed epoch), args (the training
 flags), latent_mixture (or None), sha256 (of model, optimizer and latent_mixture).
@@ -29,8 +30,8 @@ MAX_EPOCHS = 1_000_000
 # checkpoint that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64}
-SEALED = ("model", "optimizer", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
-KEYS = ("format", "model_config", "model", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
+SEALED = ("model", "ema", "optimizer", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
+KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
 
 
@@ -77,10 +78,10 @@ def check_config(config, choices: dict) -> None:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")
 
 
-def as_labels(labels, num_classes: int, n: int | None, device) -> torch.Tensor | None:
-    """Labels (an int, a list or a tensor of class numbers) as a 1-d long tensor on `device`, or
-    None for an unconditional model; UserError for labels the model cannot take. n: how many
-    there must be (None: any number; a single label is repeated n times)."""
+def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
+    """Labels (an int, a list or a tensor of class numbers) as a [n] long tensor on `device` (a
+    single label is repeated n times), or None for an unconditional model; UserError for labels
+    the model cannot take."""
     if num_classes == 0:
         if labels is not None:
             raise UserError("this VAE is unconditional: it takes no labels")
@@ -91,9 +92,8 @@ def as_labels(labels, num_classes: int, n: int | None, device) -> torch.Tensor |
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise UserError(f"labels must be integer class numbers, got dtype {labels.dtype}")
     labels = labels.long().reshape(-1)
-    if n is not None and labels.numel() == 1:
-        labels = labels.expand(n)
-    if n is not None and labels.shape[0] != n:
+    labels = labels.expand(n) if labels.numel() == 1 else labels
+    if labels.shape[0] != n:
         raise UserError(f"got {labels.shape[0]} labels for a batch of {n}")
     # Checked on the CPU only: on a GPU the comparison would stall the step on a host sync.
     if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -101,22 +101,47 @@ def as_labels(labels, num_classes: int, n: int | None, device) -> torch.Tensor |
     return labels
 
 
-def check_input(config, x: torch.Tensor, labels, k: int = 1, chunk: int = 1) -> torch.Tensor | None:
-    """The arguments of VAE.encode, loss and log_likelihood: images x [B, C, H, W] with pixels in
-    [0, 1] (checked on the CPU; on a GPU the check would stall every step on a host sync), labels
-    as `as_labels` takes them, ints k, chunk >= 1. Returns the labels as a tensor."""
+def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean"):
+    """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32
+    tensor [B, C, H, W] with pixels in [0, 1] (checked on the CPU; on a GPU the check would stall
+    every step on a host sync); labels as `as_labels` takes them; ints k, chunk >= 1; the noise
+    eps, a float tensor [k, B, latent_dim]; a reduction. Returns the labels as a tensor."""
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise UserError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     shape = (config.image_channels, config.image_size, config.image_size)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise UserError(f"x must be a float32 tensor of pixel values in [0, 1], got {getattr(x, 'dtype', type(x))} "
+                        "(divide 0-255 grey levels by 255)")
     if x.dim() != 4 or tuple(x.shape[1:]) != shape:
         raise UserError(f"x must be [B, {', '.join(map(str, shape))}], got {list(x.shape)}")
+    if eps is not None and not (isinstance(eps, torch.Tensor) and eps.is_floating_point()
+                                and tuple(eps.shape) == (k, x.shape[0], config.latent_dim)):
+        raise UserError(f"eps must be a float tensor [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, latent_dim), "
+                        f"got {list(getattr(eps, 'shape', [type(eps).__name__]))}")
     if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(x)
         if not (low >= 0 and high <= 1):  # also catches NaN
             raise UserError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
                             f"{high.item():g}] (divide 0-255 grey levels by 255)")
     return as_labels(labels, config.num_classes, x.shape[0], x.device)
+
+
+def check_latent(config, z, labels, n=None, generator=None) -> torch.Tensor | None:
+    """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim]) or of VAE.sample
+    (a number of images n >= 1, a torch.Generator or None), and their labels as `as_labels` takes
+    them. Returns the labels as a tensor."""
+    if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
+                              and z.shape[1] == config.latent_dim):
+        raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {list(getattr(z, 'shape', [z]))}")
+    if z is None and not (is_int(n) and n >= 1):
+        raise UserError(f"n must be an int >= 1, got {n!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise UserError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = z.device if z is not None else generator.device if generator is not None else None
+    return as_labels(labels, config.num_classes, len(z) if z is not None else n, device)
 
 
 def check_mixture(mixture, latent_dim: int, groups: int) -> None:
@@ -149,7 +174,7 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
     never runs), or anything but a dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such {what}")
+        raise UserError(f"{path}: " + (f"no such {what}" if not os.path.exists(path) else f"not a file; expected a {what}"))
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         try:
             device = torch.device(map_location)
@@ -236,11 +261,13 @@ def load_checkpoint(path, map_location=None) -> dict:
             raise UserError(f"{path}: corrupt: the {k} state does not match its stored SHA-256 (a damaged or edited file)")
     require(isinstance(ckpt["model_config"], dict) and None not in ckpt["model_config"].values(),
             "model_config", "not a dict of values")
-    require(isinstance(ckpt["model"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                    for k, v in ckpt["model"].items()), "model", "not a dict of named tensors")
-    for name, t in ckpt["model"].items():
-        require(t.is_floating_point() and torch.isfinite(t).all(), f"model[{name!r}]",
-                f"expected finite floating point values, got a {t.dtype} tensor")
+    for key in ("model", "ema") if ckpt["ema"] is not None else ("model",):
+        require(isinstance(ckpt[key], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in ckpt[key].items()), key, "not a dict of named tensors")
+        for name, t in ckpt[key].items():
+            require(t.is_floating_point() and torch.isfinite(t).all(), f"{key}[{name!r}]",
+                    f"expected finite floating point values, got a {t.dtype} tensor")
+    require(ckpt["ema"] is None or ckpt["ema"].keys() == ckpt["model"].keys(), "ema", "not the model's weights")
     epoch, step, partial, seconds, metrics = (ckpt[k] for k in ("epoch", "step", "partial", "partial_seconds", "metrics"))
     require(is_int(epoch) and 0 <= epoch <= MAX_EPOCHS, "epoch", f"expected an int in [0, {MAX_EPOCHS}], got {epoch!r}")
     require(is_int(step) and step >= 0, "step", f"expected an int >= 0, got {step!r}")
@@ -263,8 +290,8 @@ def load_checkpoint(path, map_location=None) -> dict:
 
 def load_model(path, model_class, config_class, mixture_class, map_location=None):
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the
-    config, the weights and the latent mixture, each checked. Every problem is one UserError
-    naming the file."""
+    config, the weights (their moving average, where the run kept one) and the latent mixture,
+    each checked. Every problem is one UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]
     expected = {f.name for f in fields(config_class)}
@@ -275,7 +302,8 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model config ({first_line(e)})") from None
     try:
-        model.load_state_dict(ckpt["model"])
+        for weights in (ckpt["model"], ckpt["ema"] or {}):  # both must fit; the average, if any, stays
+            model.load_state_dict(weights, strict=bool(weights))
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the stored model config ({first_line(e)})") from None
     if ckpt["latent_mixture"] is not None:
@@ -299,6 +327,8 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
 
     if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
         raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
+    if (ckpt["args"]["ema"] > 0) != (ckpt["ema"] is not None):
+        raise UserError(f"{path}: bad checkpoint field ema: disagrees with args['ema']")
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])
     except (RuntimeError, TypeError, ValueError) as e:

@@ -22,6 +22,7 @@ from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
 MAX_IW_K = 5000
+EPOCHS = 20
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
 
@@ -55,7 +56,8 @@ SEED = Number(int, 0, 2**63 - 1)  # what torch.Generator.manual_seed takes
 RUN, GIVEN = True, False  # RUN: stored in the checkpoint and restored by --resume
 D = VAEConfig()
 TRAIN_FLAGS = (
-    ("--epochs", GIVEN, dict(type=Number(int, 1, MAX_EPOCHS), default=20, help="total epochs to train")),
+    ("--epochs", GIVEN, dict(type=Number(int, 1, MAX_EPOCHS), default=None,
+                             help=f"total epochs to train (default: {EPOCHS}; with --resume, the stored run's)")),
     ("--batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=128, help="images per step")),
     ("--lr", RUN, dict(type=POSITIVE_FLOAT, default=3e-3, help="Adam learning rate")),
     ("--lr-decay", RUN, dict(type=Number(float, 0.0, 1.0, low_open=True), default=0.8,
@@ -81,6 +83,9 @@ TRAIN_FLAGS = (
     ("--iw-k", RUN, dict(type=Number(int, 1, MAX_IW_K), default=1,
                          help="importance samples K per image: K > 1 trains on the importance-weighted "
                               "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
+    ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.999,
+                        help="decay of an exponential moving average of the weights (Polyak averaging) that "
+                             "evaluation, sampling and the saved model use; 0: off")),
     ("--mixture-components", RUN, dict(type=Number(int, 0, MAX_COMPONENTS), default=None,
                                        help="when training ends, fit a Gaussian mixture with this many components "
                                             "to the training images' posterior means (per digit with "
@@ -153,15 +158,14 @@ def check_flags(args) -> VAEConfig:
 
 
 def check_stored_flags(stored: dict, path, config: VAEConfig) -> argparse.Namespace:
-    """The RUN flags a checkpoint stores, each through its TRAIN_FLAGS type and range and the rules
-    between them, and in agreement with the stored model. Returns them as a Namespace."""
+    """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
+    and the rules between them, and in agreement with the stored model. A flag the checkpoint does
+    not have (one added to the table after it was written) takes its default. Returns them."""
     for flag, run, keywords in TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
-        if not run:
+        if not run and name != "epochs":
             continue
-        if name not in stored:
-            raise UserError(f"{path}: bad checkpoint field args[{name!r}]: missing")
-        v = stored[name]
+        v = stored.setdefault(name, keywords.get("default", False))
         try:
             if keywords.get("action") == "store_true":
                 ok = isinstance(v, bool)
@@ -263,6 +267,10 @@ def run(main, argv=None) -> int:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `| head`: the reader left; what was saved stays saved
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("error: the output pipe was closed; stopped", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,7 +5,8 @@
 - `importance_nll`: -log p(x) by importance sampling with the encoder as proposal (Burda, Grosse
   & Salakhutdinov 2015, eq. 8), a bound that tightens with K and converges to -log p(x).
 - `active_dimensions`: the latent dimensions the model uses (KL above ACTIVE_KL).
-- `sample_scores`: how good the samples are, in the features of the project's MNIST classifier:
+- `sample_scores`: how good the samples are, in the features of the project's MNIST classifier
+  (`DigitClassifier`, below):
 
   - fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the
     samples and of the test images (Fréchet 1957; Dowson & Landau 1982; the FID of Heusel et al.
@@ -23,12 +24,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from lib.classifier import DigitClassifier
+from lib.checks import UserError, first_line, read_archive
 from lib.data import TensorDataset, to_unit
 from model import VAE, gaussian_kl
 
@@ -86,6 +90,63 @@ def active_dimensions(model: VAE, data: TensorDataset, batch_size: int = 1000) -
     return torch.argsort(kl, descending=True).to(model.device), int((kl > ACTIVE_KL).sum())
 
 
+# -- the scoring classifier: its penultimate features score generated digits. Shipped as
+# weights/mnist_classifier.pt (tools/train_classifier.py), checked by SHA-256 before use like the
+# data, so every user scores with the same network; the features are those of its last hidden
+# layer, as the Fréchet Inception Distance uses Inception's pool layer (Heusel et al. 2017).
+
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                               "mnist_classifier.pt")
+# SHA-256 of the shipped weights file; tools/train_classifier.py prints the value for a new file.
+WEIGHTS_SHA256 = "2d5dc18886f00329842316b0d8899fef76a37bdf8ee3c081404c100752dea703"
+
+
+class DigitClassifier(nn.Module):
+    """conv3x3-ReLU-pool twice (28 -> 14 -> 7), a ReLU feature layer, a linear head."""
+
+    def __init__(self, image_channels=1, image_size=28, channels=(32, 64), feature_dim=128, num_classes=10):
+        super().__init__()
+        self.config = dict(image_channels=image_channels, image_size=image_size, channels=list(channels),
+                           feature_dim=feature_dim, num_classes=num_classes)  # stored with the weights
+        (c1, c2), s = channels, image_size // 4
+        self.body = nn.Sequential(
+            nn.Conv2d(image_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * s * s, feature_dim), nn.ReLU(),
+        )  # [B, C, H, W] in [0, 1] -> the penultimate features [B, feature_dim] the scores compare
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] in [0, 1] -> class logits [B, num_classes]."""
+        return self.head(self.body(x))
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_classifier(path: str = DEFAULT_WEIGHTS, device="cpu", check_sha256: bool = True) -> DigitClassifier:
+    """The shipped classifier in eval mode. The file must match WEIGHTS_SHA256 (unless
+    check_sha256 is False, for a classifier trained anew); errors are one line naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no classifier weights; run `python tools/train_classifier.py` "
+                        "(the project ships them in weights/)")
+    if check_sha256:
+        digest = sha256_of(path)
+        if digest != WEIGHTS_SHA256:
+            raise UserError(f"{path}: SHA-256 {digest[:12]}... is not the shipped classifier's "
+                            f"({WEIGHTS_SHA256[:12]}...); restore it with git, or retrain it")
+    saved = read_archive(path, map_location=device, what="classifier")
+    try:
+        model = DigitClassifier(**saved["config"])
+        model.load_state_dict(saved["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a classifier saved by train_classifier.py ({first_line(e)})") from None
+    return model.to(device).eval()
+
+
 @torch.inference_mode()
 def classify(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 1000):
     """(penultimate features [N, F] float64 on the CPU, predicted classes [N]) of images in [0, 1]
@@ -93,7 +154,7 @@ def classify(classifier: DigitClassifier, images: torch.Tensor, batch_size: int 
     device = next(classifier.parameters()).device
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-        f = classifier.features(to_unit(images[i:i + batch_size].to(device)).float())
+        f = classifier.body(to_unit(images[i:i + batch_size].to(device)).float())
         feats.append(f.double().cpu())
         preds.append(classifier.head(f).argmax(1).cpu())
     return torch.cat(feats), torch.cat(preds)
@@ -163,7 +224,7 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
     result = {
         "fd": frechet_distance(f_s, f_test),
         "fd_prior": frechet_distance(f_p, f_test),
-        "class_entropy": class_entropy(pred_s, classifier.config.num_classes),
+        "class_entropy": class_entropy(pred_s, classifier.head.out_features),
         "digit_accuracy": None if labels is None else (pred_s == labels.cpu()).double().mean().item(),
         "digit_accuracy_per_digit": None if labels is None else [
             (pred_s[labels.cpu() == d] == d).double().mean().item() if d < n else None for d in range(k)],
@@ -172,6 +233,6 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
         "fd_floor": frechet_distance(f_test, f_train),
         "nn_test": nearest_distance(test_x.flatten(1), train_x, desc="nearest, test").median().item(),
         "samples": n,
-        "max_class_entropy": math.log(classifier.config.num_classes),
+        "max_class_entropy": math.log(classifier.head.out_features),
     }
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import math
@@ -37,7 +38,8 @@ class Run:
     """A training run: set up by `setup`, saved whole by `save`, advanced by train.py's loop."""
 
     args: argparse.Namespace
-    model: VAE
+    model: VAE  # the weights being trained
+    ema: VAE | None  # their exponential moving average (--ema), which is evaluated, sampled and loaded
     opt: torch.optim.Adam
     noise: torch.Generator  # the reparameterisation noise and dynamic binarization
     bf16: bool  # the objective runs under bf16 autocast
@@ -67,11 +69,13 @@ def setup(args):
     every checkpoint field, paths, data, device) is checked before anything is written, and the
     checkpoint is read once; then the checkpoint's lock is held until the block ends."""
     path, ckpt, model = args.checkpoint, None, None
+    files.check_output_path(path, "checkpoint")
     if args.resume:
         stamp = os.stat(path).st_mtime_ns if os.path.isfile(path) else None
         model, ckpt = cli.load_vae(path, map_location="cpu")
         check_resumable(ckpt, path, list(model.parameters()))
         restore_flags(args, ckpt["args"])
+        args.epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS
         config = model.config
         mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
         if ckpt["epoch"] >= args.epochs and not mixture_missing:
@@ -83,8 +87,8 @@ def setup(args):
                         "or --checkpoint for a new file")
     else:
         config = cli.check_flags(args)
+        args.epochs = args.epochs or cli.EPOCHS
     args.res_blocks = config.res_blocks  # the number the model has (the flag's default is None)
-    files.check_output_path(path, "checkpoint")
     files.check_output_path(metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
@@ -100,11 +104,16 @@ def setup(args):
         print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
               + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")
         torch.manual_seed(args.seed)  # the initial weights
-        model = (model or VAE(config)).to(device).train()
+        # channels_last: the layout the CPU's and GPU's convolution kernels prefer (benchmarks/README.md)
+        model = (model or VAE(config)).to(device, memory_format=torch.channels_last).train()
         model.latent_mixture = None  # fitted to these weights when training ends
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-        run = Run(args, model, opt, torch.Generator(device=device).manual_seed(args.seed), bf16, train_set, test_set)
+        ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+        run = Run(args, model, ema, opt, torch.Generator(device=device).manual_seed(args.seed), bf16, train_set, test_set)
         if ckpt is not None:
+            model.load_state_dict(ckpt["model"])  # the trained weights (load_vae gave their average)
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"]["torch"])
             try:
@@ -153,6 +162,16 @@ def kl_weight(args, progress: float) -> float:
     return args.beta if args.kl_warmup == 0 else args.beta * min(1.0, progress / args.kl_warmup)
 
 
+@torch.no_grad()
+def update_ema(ema: VAE, model: VAE, decay: float, t: int) -> None:
+    """ema <- d * ema + (1 - d) * model after the t-th step (t >= 1), d = min(decay, (1 + t) / (10 + t)):
+    the average forgets the initial weights quickly early on (as TensorFlow's ExponentialMovingAverage
+    with num_updates), and is a pure function of t, so resumes replay it."""
+    d = min(decay, (1 + t) / (10 + t))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The shuffling order of one epoch, a pure function of (seed, epoch): resumes replay it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63))
@@ -175,11 +194,12 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
     the next, whose per-step sums are stats[:step]; at an epoch boundary also the metrics CSV."""
     ckpt = {
         "format": FORMAT, "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
+        "ema": None if run.ema is None else run.ema.state_dict(),
         "optimizer": run.opt.state_dict(), "epoch": epoch, "step": step,
         "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
         "rng": {"torch": torch.get_rng_state(), "noise": run.noise.get_state()},
-        "metrics": run.metrics, "args": vars(run.args),
-        "latent_mixture": None if run.model.latent_mixture is None else run.model.latent_mixture.state(),
+        "metrics": run.metrics, "args": {k: getattr(run.args, k) for k in ("epochs", *cli.RUN_FLAGS)},
+        "latent_mixture": None if (run.ema or run.model).latent_mixture is None else (run.ema or run.model).latent_mixture.state(),
     }
     files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
     if step == 0:
@@ -197,11 +217,12 @@ def fit_latent_mixture(run: Run) -> None:
     if m == 0:
         return
     t0 = time.perf_counter()
-    fitted = fit_to_model(run.model, run.train_set.images, run.train_set.labels, m, run.args.seed)
+    model = run.ema or run.model  # the weights samples are decoded with
+    fitted = fit_to_model(model, run.train_set.images, run.train_set.labels, m, run.args.seed)
     if fitted is None:
         print("note: no latent mixture fitted (a digit has no training image); samples come from the prior")
         return
-    run.model.latent_mixture = GaussianMixture(**fitted).to(run.model.device)
+    model.latent_mixture = GaussianMixture(**fitted).to(model.device)
     save(run, run.epoch)
     groups, got = run.model.config.num_classes, fitted["weights"].shape[1]
     print(f"latent mixture: {f'{groups} mixtures (one per digit) of ' if groups else ''}{got} components"

@@ -89,8 +89,9 @@ def wait_for(proc, text, timeout=120):
 def assert_same_run(a, b):
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     assert ca["epoch"] == cb["epoch"] and cb["step"] == 0
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
+    for part in ("model", "ema"):
+        for k, v in ca[part].items():
+            assert torch.equal(v, cb[part][k]), (part, k)
     assert same_metrics(read_csv(f"{a}.metrics.csv"), read_csv(f"{b}.metrics.csv"))
 
 
@@ -411,6 +412,17 @@ def test_api_arguments_are_validated():
     with pytest.raises(ValueError, match="integer"):
         c.encode(x, torch.tensor([1.0, 2.0, 3.0]))
     assert c.log_likelihood(x, [1, 2, 3], k=2).shape == (3,)  # a list, as encode and sample take
+    bad_calls = [  # (call, what the one-line message names)
+        (lambda: m.decode(torch.randn(3, 5)), "z must be"), (lambda: m.decode(torch.randn(4)), "z must be"),
+        (lambda: c.decode(torch.randn(3, 2)), "conditional"), (lambda: c.decode(torch.randn(3, 2), [1.0] * 3), "integer"),
+        (lambda: m.sample(0), "n must be"), (lambda: m.sample(2.5), "n must be"), (lambda: m.sample(-1), "n must be"),
+        (lambda: m.sample(4, generator=0), "generator"), (lambda: m.loss(x, reduction="avg"), "reduction"),
+        (lambda: m.loss(x, eps=torch.randn(3, 2)), "eps must be"), (lambda: m.encode(x.numpy()), "float32"),
+        (lambda: m.encode((x * 255).to(torch.uint8)), "float32"), (lambda: m.encode(x.double()), "float32"),
+    ]
+    for call, what in bad_calls:
+        with pytest.raises(ValueError, match=what):
+            call()
     for bad in ({"latent_dim": 10**17}, {"latent_dim": 2.5}, {"hidden_dim": True}, {"arch": 3},
                 {"channels": [4, "8"]}, {"num_classes": -1}):
         with pytest.raises(ValueError):
@@ -497,10 +509,10 @@ def variants(c):
     for v in FLOAT_BAD:
         yield f"partial_seconds={v!r}", put(("partial_seconds",), v), ALL
     optional = {"rng": RESUME, "optimizer": RESUME, "args": RESUME, "latent_mixture": NONE}
-    for key in ("model_config", "model", "metrics", "rng", "latent_mixture", "optimizer", "args"):
+    for key in ("model_config", "model", "ema", "metrics", "rng", "latent_mixture", "optimizer", "args"):
         for v in DICT_BAD + [KeyError]:
-            if v is None and key == "latent_mixture":
-                continue  # None is valid: no mixture
+            if v is None and key in ("latent_mixture", "ema"):
+                continue  # None is valid: no mixture, no average (--ema 0)
             lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
     for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
@@ -516,6 +528,9 @@ def variants(c):
     shape = c["model"][name].shape
     for v in (torch.zeros(3), torch.zeros(shape, dtype=torch.int64), torch.full(shape, float("nan")), "x"):
         yield f"model[{name}]={type(v).__name__}", put(("model", name), v), ALL
+    for v in (torch.zeros(3), torch.full(shape, float("nan"))):
+        yield f"ema[{name}]={v.shape}", put(("ema", name), v), ALL
+    yield "ema=None with --ema", put(("ema",), None), RESUME
     for v in (torch.zeros(3, dtype=torch.uint8), torch.zeros(5056)):
         yield f"rng.torch={v.dtype}", put(("rng", "torch"), v), RESUME if v.dtype == torch.uint8 else ALL
     for key, v in (("weights", -c["latent_mixture"]["weights"]), ("means", torch.zeros(1, 2, 3)),

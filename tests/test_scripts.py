@@ -15,7 +15,7 @@ import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script
 from lib.checks import load_checkpoint, with_checksums
-from lib.classifier import load_classifier
+from lib.evaluation import load_classifier
 from lib.data import TensorDataset, load_test_set
 from lib.evaluation import active_dimensions, classify, frechet_distance
 from model import VAE

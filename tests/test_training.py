@@ -23,10 +23,14 @@ def test_resume_matches_straight_run(tmp_path, capsys):
     assert train.main(["--epochs", "4", "--checkpoint", str(b), "--resume", "--lr", "0.5"]) == 0
     assert "--lr 0.5 ignored" in capsys.readouterr().out
     ca, cb = load_checkpoint(a), load_checkpoint(b)
-    assert cb["epoch"] == 4
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
+    assert cb["epoch"] == 4 and ca["ema"] is not None  # the averaged weights are state too
+    for part in ("model", "ema"):
+        for k, v in ca[part].items():
+            assert torch.equal(v, cb[part][k]), (part, k)
     assert same_metrics(read_csv(tmp_path / "a.pt.metrics.csv"), read_csv(tmp_path / "b.pt.metrics.csv"))
+    # without --epochs, --resume goes to the stored run's number of epochs: this one is done
+    assert train.main(["--checkpoint", str(a), "--resume"]) == 0
+    assert "already has 4 epochs" in capsys.readouterr().out and load_checkpoint(a)["epoch"] == 4
 
 
 # Each RUN flag of the table, set to a value other than its default, in one of two runs (--iw-k
@@ -34,9 +38,9 @@ def test_resume_matches_straight_run(tmp_path, capsys):
 NON_DEFAULT = (
     [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5", "--res-blocks", "2",
      "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
-     "--mixture-components", "3", "--precision", "fp32"],
+     "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2",
-     "--mixture-components", "0", "--res-blocks", "0"],
+     "--mixture-components", "0", "--res-blocks", "0", "--ema", "0"],
 )
 
 

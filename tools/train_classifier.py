@@ -19,7 +19,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib import cli  # noqa: E402
-from lib.classifier import DEFAULT_WEIGHTS, DigitClassifier, sha256_of  # noqa: E402
+from lib.evaluation import DEFAULT_WEIGHTS, DigitClassifier, sha256_of  # noqa: E402
 from lib.data import TensorDataset, load_test_set, to_unit  # noqa: E402
 from lib.files import check_output_path, save_atomic  # noqa: E402
 from lib.training import epoch_permutation  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
         print(f"epoch {epoch + 1}/{args.epochs}: test accuracy {accuracy(model, test_set):.4f}", flush=True)
-    save_atomic(model.cpu().to_saved(), args.out)
+    save_atomic({"config": model.config, "model": model.cpu().state_dict()}, args.out)
     print(f"wrote {args.out}, SHA-256 {sha256_of(args.out)}")
     return 0
 

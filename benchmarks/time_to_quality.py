@@ -1,0 +1,83 @@
+"""Time to quality: `python train.py` against the tutorial it is compared with, in one run.
+
+    git clone https://github.com/pytorch/examples /tmp/examples   # the tutorial, not shipped here
+    python benchmarks/time_to_quality.py --tutorial /tmp/examples/vae/main.py
+
+Runs the tutorial (pytorch/examples' VAE, its own script and settings: 10 epochs) and then the
+project's default training, one after the other on the bundled MNIST, each as a fresh process
+as a user starts it, and timestamps every test loss either prints (wall-clock from the start of
+the process, start-up and data loading included). Reports the seconds each takes to reach the
+tutorial's 10-epoch test loss, 95 and 92 nats, and its whole run. Both print the same test loss:
+the negative ELBO with grey levels as Bernoulli targets, nats per image. Extra arguments after
+`--` go to train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lib.data import ensure_mnist  # noqa: E402
+
+TUTORIAL_LOSS = re.compile(r"====> Test set loss: ([\d.]+)")
+PROJECT_LOSS = re.compile(r"^epoch\s+\d+/\d+ .*test\s+([\d.]+)")
+TARGETS = (95.0, 92.0)
+
+
+def timed(cmd: list[str], cwd: str, pattern: re.Pattern) -> tuple[list[tuple[float, float]], float]:
+    """Run cmd; return [(seconds since start, test loss)] for each line matching pattern, and the
+    seconds until the process ended."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    losses = []
+    for line in proc.stdout:
+        m = pattern.search(line)
+        if m:
+            losses.append((time.perf_counter() - t0, float(m.group(1))))
+            print(f"{losses[-1][0]:7.1f} s  {line.strip()}", flush=True)
+    if proc.wait() != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}")
+    return losses, time.perf_counter() - t0
+
+
+def reached(losses, target: float) -> float | None:
+    return next((t for t, loss in losses if loss <= target), None)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tutorial", required=True, help="path to pytorch/examples' vae/main.py")
+    p.add_argument("train_args", nargs="*", help="extra arguments for train.py (after --)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        # The tutorial reads ../data/MNIST/raw relative to where it runs and writes results/.
+        os.makedirs(os.path.join(tmp, "run", "results"))
+        os.makedirs(os.path.join(tmp, "data", "MNIST"))
+        os.symlink(ensure_mnist(os.path.join(ROOT, "dataset")), os.path.join(tmp, "data", "MNIST", "raw"))
+        tutorial, tutorial_s = timed([sys.executable, os.path.abspath(args.tutorial)], os.path.join(tmp, "run"),
+                                     TUTORIAL_LOSS)
+        project, project_s = timed([sys.executable, os.path.join(ROOT, "train.py"), "--checkpoint",
+                                    os.path.join(tmp, "vae.pt"), *args.train_args], ROOT, PROJECT_LOSS)
+    goal = tutorial[-1][1]
+    print(f"\n{'seconds to reach':24s} {'tutorial':>9s} {'train.py':>9s} {'ratio':>6s}")
+    for name, target in ((f"{goal:.2f} (tutorial, 10 ep.)", goal), *((f"{t:.0f}", t) for t in TARGETS),
+                         ("the end of the run", None)):
+        a = tutorial_s if target is None else reached(tutorial, target)
+        b = project_s if target is None else reached(project, target)
+        ratio = f"{a / b:5.2f}x" if a and b else ""
+        print(f"{name:24s} {a if a else float('nan'):9.1f} {b if b else float('nan'):9.1f} {ratio:>6s}")
+    print(f"final test loss: tutorial {goal:.2f}, train.py {project[-1][1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
