@@ -83,9 +83,9 @@ TRAIN_FLAGS = (
     ("--iw-k", RUN, dict(type=Number(int, 1, MAX_IW_K), default=1,
                          help="importance samples K per image: K > 1 trains on the importance-weighted "
                               "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
-    ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.999,
-                        help="decay of an exponential moving average of the weights (Polyak averaging) that "
-                             "evaluation, sampling and the saved model use; 0: off")),
+    ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.0,
+                        help="decay (0.999, say) of an exponential moving average of the weights (Polyak "
+                             "averaging) that evaluation, sampling and the saved model use; 0: off")),
     ("--mixture-components", RUN, dict(type=Number(int, 0, MAX_COMPONENTS), default=None,
                                        help="when training ends, fit a Gaussian mixture with this many components "
                                             "to the training images' posterior means (per digit with "

@@ -65,9 +65,11 @@ def mnist_subset():
 
 @pytest.fixture(scope="session")
 def mixture_run(tmp_path_factory):
-    """A finished 1-epoch tiny run with a 2-component latent mixture (read it, don't change it)."""
+    """A finished 1-epoch tiny run with a 2-component latent mixture and averaged weights (read it,
+    don't change it)."""
     import train
 
     ckpt = tmp_path_factory.mktemp("mixture_run") / "vae.pt"
-    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "2", "--checkpoint", str(ckpt)]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "2", "--ema", "0.99",
+                       "--checkpoint", str(ckpt)]) == 0
     return ckpt

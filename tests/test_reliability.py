@@ -6,7 +6,6 @@ import errno
 import os
 import pickle
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def assert_same_run(a, b):
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     assert ca["epoch"] == cb["epoch"] and cb["step"] == 0
     for part in ("model", "ema"):
-        for k, v in ca[part].items():
+        for k, v in (ca[part] or {}).items():
             assert torch.equal(v, cb[part][k]), (part, k)
     assert same_metrics(read_csv(f"{a}.metrics.csv"), read_csv(f"{b}.metrics.csv"))
 

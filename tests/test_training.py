@@ -17,8 +17,8 @@ from model import VAE
 def test_resume_matches_straight_run(tmp_path, capsys):
     """On CPU, 2 epochs then --resume to 4 gives the same weights and metrics as 4 straight."""
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    assert train.main([*TINY, "--epochs", "4", "--checkpoint", str(a)]) == 0
-    assert train.main([*TINY, "--epochs", "2", "--checkpoint", str(b)]) == 0
+    assert train.main([*TINY, "--epochs", "4", "--ema", "0.999", "--checkpoint", str(a)]) == 0
+    assert train.main([*TINY, "--epochs", "2", "--ema", "0.999", "--checkpoint", str(b)]) == 0
     # No model or run flags: --resume takes them from the checkpoint (and says so if they differ).
     assert train.main(["--epochs", "4", "--checkpoint", str(b), "--resume", "--lr", "0.5"]) == 0
     assert "--lr 0.5 ignored" in capsys.readouterr().out
@@ -40,7 +40,7 @@ NON_DEFAULT = (
      "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
      "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2",
-     "--mixture-components", "0", "--res-blocks", "0", "--ema", "0"],
+     "--mixture-components", "0", "--res-blocks", "0"],
 )
 
 
