@@ -1,6 +1,6 @@
 """A variational autoencoder for 28x28 grey-level images (MNIST): the probabilistic model.
 
-    p(z) = N(0, I)                                    prior (StandardNormal)
+    p(z) = N(0, I)                                    prior (StandardNormal; or LearnedMixture)
     q(z|x) = N(mu(x), diag sigma^2(x))                Gaussian encoder
     p(x|z) = prod_i Bernoulli(x_i; sigmoid(f(z)_i))   decoder logits f(z)
     ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x)           Kingma & Welling (2014), eq. 3
@@ -50,6 +50,7 @@ class VAEConfig:
     res_blocks: int | None = None  # residual blocks per conv resolution; None: 1 (conv), 0 (mlp)
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
     activation: str = "silu"  # "silu", "relu" or "elu"
+    learned_prior: int = 0  # > 0: p(z) is a mixture of this many diagonal Gaussians trained with the model
 
     def __post_init__(self) -> None:
         if self.res_blocks is None:
@@ -70,7 +71,7 @@ class LossParts(NamedTuple):
 
     total: torch.Tensor  # what training minimises: -L_K, or recon + beta * KL at K = 1
     recon: torch.Tensor  # -log p(x|z) of the first posterior sample, Bernoulli, summed over pixels
-    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), analytic
+    kl: torch.Tensor  # KL(q(z|x) || p(z)): analytic for N(0, I), else estimated from the K samples
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
@@ -125,6 +126,32 @@ class StandardNormal(nn.Module):
         return (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
 
 
+class LearnedMixture(nn.Module):
+    """p(z) = sum_m w_m N(z; mu_m, diag sigma_m^2), w = softmax(logits): a prior trained jointly with
+    the encoder and decoder (the mixture prior of Dilokthanakul et al. 2016; Tomczak & Welling
+    2018 compare it with the VampPrior). Its parameters are the model's. The KL term of the
+    objective is then estimated by sampling, not in closed form (`VAE.loss`)."""
+
+    def __init__(self, components: int, latent_dim: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(components))  # [M]
+        # spread like N(0, I) samples, so training starts near the standard normal prior
+        self.means = nn.Parameter(torch.randn(components, latent_dim))  # [M, d]
+        self.log_scales = nn.Parameter(torch.zeros(components, latent_dim))  # [M, d]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n, d]: n component draws by weight (torch.multinomial), then n normal draws (torch.randn)."""
+        comp = torch.multinomial(torch.softmax(self.logits.float(), 0), n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.means.shape[1], generator=generator, device=self.means.device)
+        return self.means[comp] + self.log_scales[comp].exp() * eps
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) in nats, fp32: [..., d] -> [...]."""
+        diff = (z.float().unsqueeze(-2) - self.means) * torch.exp(-self.log_scales)  # [..., M, d]
+        log_n = -0.5 * (diff.pow(2) + LOG_2PI).sum(-1) - self.log_scales.sum(-1)  # [..., M]
+        return torch.logsumexp(log_n + torch.log_softmax(self.logits, 0), dim=-1)
+
+
 class GaussianMixture(nn.Module):
     """p(z) = sum_m w_m N(z; mu_m, L_m L_m^T), full covariances, for G groups of M components: one
     group, or one per class of a conditional model (group = label). Fitted by EM (lib/mixture.py).
@@ -177,8 +204,8 @@ def with_labels(h: torch.Tensor, labels: torch.Tensor | None, num_classes: int) 
 
 
 class VAE(nn.Module):
-    """Gaussian encoder q(z|x), N(0, I) prior p(z), Bernoulli decoder p(x|z); optionally a fitted
-    `latent_mixture` to sample z from."""
+    """Gaussian encoder q(z|x), prior p(z) (N(0, I), or a LearnedMixture), Bernoulli decoder p(x|z);
+    optionally a fitted `latent_mixture` to sample z from."""
 
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
@@ -220,7 +247,7 @@ class VAE(nn.Module):
             )
             self.dec_body = nn.Identity()
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)
-        self.prior = StandardNormal(c.latent_dim)
+        self.prior = LearnedMixture(c.learned_prior, c.latent_dim) if c.learned_prior else StandardNormal(c.latent_dim)
         self.latent_mixture: GaussianMixture | None = None  # set by lib/mixture.py or a checkpoint
 
     @property
@@ -271,8 +298,10 @@ class VAE(nn.Module):
 
         c_k has mean 0 under q for any parameters, so subtracting its mean over the K samples
         changes neither the bound's expectation nor its expected gradient: a control variate,
-        with which K = 1 is exactly the ELBO with the analytic KL. beta weighs the KL (beta-VAE,
-        KL warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
+        with which K = 1 is exactly the ELBO with the analytic KL. With a learned prior the KL
+        has no closed form: its K-sample estimate -mean_k(log p(z_k) - log q(z_k|x)) stands in,
+        and at beta = 1 the objective is the plain bound. beta weighs the KL (beta-VAE, KL
+        warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
         (None: drawn with torch.randn). reduction: "mean" over images, "sum", or "none" ([B]).
         UserError for images or labels the model cannot take, as `encode`.
         """
@@ -281,7 +310,8 @@ class VAE(nn.Module):
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
-        kl = gaussian_kl(mu.float(), logvar.float())
+        # KL(q(z|x) || p(z)): in closed form for N(0, I), else its estimate from the K samples
+        kl = gaussian_kl(mu.float(), logvar.float()) if self.config.learned_prior == 0 else -log_ratio[0].mean(0)
         c = log_ratio[0] + kl
         total = -(torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - beta * kl)
         parts = LossParts(total, -log_px_z[0], kl)

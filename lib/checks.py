@@ -29,7 +29,7 @@ MAX_EPOCHS = 1_000_000
 # Upper bounds on the sizes, far above any useful MNIST model: a config from a flag or a
 # checkpoint that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
-            "num_classes": 1000, "channels": 4096, "res_blocks": 64}
+            "num_classes": 1000, "channels": 4096, "res_blocks": 64, "learned_prior": 10000}
 SEALED = ("model", "ema", "optimizer", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
@@ -64,8 +64,8 @@ def check_config(config, choices: dict) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    for name in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
-        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks") else 1
+    for name in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks", "learned_prior"):
+        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "learned_prior") else 1
         if not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
     ch = config.channels

@@ -74,6 +74,9 @@ TRAIN_FLAGS = (
                                help="residual blocks at each conv resolution, encoder and decoder "
                                     "(default: 1 with the conv arch, 0 with mlp)")),
     ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
+    ("--learned-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["learned_prior"]), default=0,
+                                  help="p(z): a mixture of this many diagonal Gaussians trained with the model "
+                                       "(its KL then sampled); 0: N(0, I)")),
     ("--conditional", RUN, dict(action="store_true", help="conditional VAE: the digit label enters encoder and decoder")),
     ("--binarize", RUN, dict(action="store_true",
                              help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
@@ -108,7 +111,7 @@ TRAIN_FLAGS = (
                               help="torch.compile the objective (about 30 s of start-up on a 2-core CPU)")),
 )
 RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
-MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation")
+MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "learned_prior")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -151,7 +154,7 @@ def check_flags(args) -> VAEConfig:
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,
-                         num_classes=NUM_CLASSES if args.conditional else 0)
+                         num_classes=NUM_CLASSES if args.conditional else 0, learned_prior=args.learned_prior)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None

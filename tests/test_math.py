@@ -11,7 +11,7 @@ import torch
 from lib import mixture
 from lib.checks import check_mixture
 from lib.evaluation import frechet_distance, nearest_distance
-from model import VAE, GaussianMixture, StandardNormal, VAEConfig, bernoulli_nll, gaussian_kl
+from model import VAE, GaussianMixture, LearnedMixture, StandardNormal, VAEConfig, bernoulli_nll, gaussian_kl
 
 SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=3)
 
@@ -90,6 +90,29 @@ def test_importance_sampling_matches_numerical_integration(fitted):
     assert torch.allclose(est, torch.tensor(exact), atol=0.05), (est, exact)
 
 
+def test_importance_sampling_with_a_learned_prior_matches_numerical_integration(mnist_subset):
+    """The same check with a learned mixture prior, trained with the model: log p(x) = log of the
+    integral of p(x|z) p(z) dz over a fine grid of the 1-d latent, p(z) the model's own prior."""
+    x = mnist_subset[0][:64]
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(arch="mlp", hidden_dim=64, latent_dim=1, learned_prior=3))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        m.loss(x).total.backward()
+        opt.step()
+    m.eval()
+    z = torch.linspace(-10, 10, 40001).unsqueeze(1)
+    dz = 20 / 40000
+    with torch.no_grad():
+        logits, log_pz = m.decode(z), m.prior.log_prob(z)
+        exact = [torch.logsumexp(-bernoulli_nll(logits, xi.expand_as(logits)) + log_pz, 0).item() + math.log(dz)
+                 for xi in x[:6]]
+    est = m.log_likelihood(x[:6], k=20000, chunk=2000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(est, torch.tensor(exact), atol=0.05), (est, exact)
+    assert m.loss(x).kl.isfinite() and m.prior.logits.grad is not None  # the prior was trained
+
+
 def grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
@@ -149,8 +172,18 @@ def test_a_standard_normal_mixture_prior_is_the_standard_prior(mnist_subset):
     assert torch.allclose(both[0], same[0], atol=1e-4) and torch.allclose(both[1], ll, atol=1e-4)
 
 
+def learned_prior(seed=0):
+    """A LearnedMixture on a 1-d latent with parameters away from its initial ones."""
+    torch.manual_seed(seed)
+    prior = LearnedMixture(3, 1)
+    with torch.no_grad():
+        prior.logits.copy_(torch.tensor([0.5, -1.0, 0.2]))
+        prior.log_scales.copy_(torch.tensor([[-0.5], [0.3], [0.0]]))
+    return prior
+
+
 @pytest.mark.parametrize("prior", [
-    StandardNormal(1),
+    StandardNormal(1), learned_prior(),
     GaussianMixture(torch.tensor([[0.3, 0.7]]), torch.tensor([[[-2.0], [1.5]]]), torch.tensor([[[[0.5]], [[1.2]]]])),
 ])
 def test_prior_density_normalises_and_matches_its_samples(prior):
