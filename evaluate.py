@@ -11,13 +11,13 @@ grows (K = 1 is the ELBO) and converges to log p(x). Samples are drawn --chunk a
 memory stays bounded for any K. The test set is binarized exactly as in training when the
 checkpoint was trained with --binarize.
 
---prior-components M also reports the NLL of the same decoder under a learned prior: an M-component
-full-covariance mixture (lib/mixture.py) fitted to one posterior sample z ~ q(z|x) of each training
-image (binarized once, if the model was trained binarized), used as p(z) in the same weights (the
-same samples: the decoder runs once for both priors). The N(0, I) prior is what the model was
-trained against; the gap between the two is the part of the NLL that comes from the prior not
-matching the aggregate posterior (Hoffman & Johnson 2016, "ELBO surgery"; the two-stage idea of
-Dai & Wipf 2019).
+--prior-components M also reports the NLL of the same decoder under a prior fitted after training:
+an M-component full-covariance mixture (lib/mixture.py) fitted to one posterior sample z ~ q(z|x)
+of each training image (binarized once, if the model was trained binarized), used as p(z) in the
+same weights (the same samples: the decoder runs once for both priors). The model's own prior
+(N(0, I), or the one learned with --learned-prior) is what it was trained against; the gap is
+the part of the NLL that comes from that prior not matching the aggregate posterior (Hoffman &
+Johnson 2016, "ELBO surgery"; the two-stage idea of Dai & Wipf 2019).
 
 --sample-quality scores 10,000 samples instead (lib/evaluation.py says what each figure means):
 fd, fd_prior, class_entropy, digit_accuracy, nn_samples, nn_test_recon, and the floors fd_floor
@@ -56,7 +56,7 @@ def build_parser() -> cli.Parser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--prior-components", type=cli.Number(int, 0, MAX_COMPONENTS), default=0,
                    help="also the NLL with a mixture of this many components fitted to the training "
-                        "set's posterior samples as the prior (unconditional models; 0: only N(0, I))")
+                        "set's posterior samples as the prior (unconditional models; 0: only the model's own prior)")
     p.add_argument("--sample-quality", action="store_true",
                    help="score samples instead of the likelihood: Fréchet distance in the shipped "
                         "classifier's features, class entropy, digit accuracy, nearest-neighbour distances")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         fit_seconds = time.perf_counter() - t0
         del train
     elbo = negative_elbo(model, test, args.batch_size, args.seed)
-    # One pass of the decoder scores every prior: the N(0, I) figure is the same with or without
+    # One pass of the decoder scores every prior: the model's own figure is the same with or without
     # --prior-components (same seed, same samples).
     nll, *nll_prior = importance_nll(model, test, args.k, args.chunk, args.batch_size, args.seed, priors)
     result = {
@@ -115,7 +115,9 @@ def main(argv=None) -> int:
         "neg_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
         "seconds": time.perf_counter() - t0,
     }
-    print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}")
+    own = f"a learned {model.config.learned_prior}-component mixture" if model.config.learned_prior else "N(0, I)"
+    print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}, "
+          f"prior {own} (the model's own)")
     print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} "
           f"(one posterior sample per image)")
     if args.prior_components:

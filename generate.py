@@ -6,7 +6,7 @@
 The model is rebuilt from the checkpoint alone. Same seed, same images. Written (GRIDS):
 reconstructions.png (rows of test digits, each above its reconstruction); samples.png (--n draws
 from the checkpoint's latent mixture, or the prior if it has none) and samples_prior.png (from
-N(0, I)), one row per digit for a conditional model; interpolation.png (rows from one test digit
+the model's prior p(z)), one row per digit for a conditional model; interpolation.png (rows from one test digit
 to another, linear in the posterior means); traversal.png (from a test digit's posterior mean,
 one row per active latent dimension, most active first, swept over [-3, 3]); with a 2-d latent
 also manifold.png (decoder means over a grid of z through the Gaussian inverse CDF, Kingma &

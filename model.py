@@ -328,7 +328,7 @@ class VAE(nn.Module):
 
         a lower bound that tightens with K (K = 1 is the one-sample ELBO). Samples are drawn
         `chunk` at a time (torch.randn [chunk, B, d] from `generator`), so memory stays bounded for
-        any K. prior: p(z), an object with log_prob (None: the model's N(0, I)), or a list of them:
+        any K. prior: p(z), an object with log_prob (None: the model's own), or a list of them:
         then [P, B], all from the same samples and one pass of the decoder. UserError (a
         ValueError) for k or chunk that are not ints >= 1, and for bad images or labels.
         """
@@ -352,7 +352,8 @@ class VAE(nn.Module):
 
         z comes from the fitted latent mixture when the model has one (for a conditional model,
         each image's from its label's mixture, class by class in increasing order), else, or with
-        prior=True, from N(0, I); all draws from `generator`. labels: one label for all n, or n of
+        prior=True, from the model's prior p(z) (N(0, I), or the learned one); all draws from
+        `generator`. labels: one label for all n, or n of
         them (conditional models only). UserError (a ValueError) for n < 1 or labels the model
         cannot take.
         """

@@ -9,7 +9,7 @@ reads it: format, model_config, model (state dict of the trained weights), ema (
 average, or None: the weights a loaded model gets), optimizer (state dict), epoch (completed
 epochs), step (steps done in the unfinished epoch), partial (that epoch's per-step sums [step, 3]),
 partial_seconds, rng (generator states), metrics (a dict per completed epoch), args (the training
-flags), latent_mixture (or None), sha256 (of model, optimizer and latent_mixture).
+flags), latent_mixture (or None), sha256 (of model, ema, optimizer, rng and latent_mixture).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ MAX_EPOCHS = 1_000_000
 # checkpoint that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "learned_prior": 10000}
-SEALED = ("model", "ema", "optimizer", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
+SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
 

@@ -93,7 +93,8 @@ TRAIN_FLAGS = (
                                        help="when training ends, fit a Gaussian mixture with this many components "
                                             "to the training images' posterior means (per digit with "
                                             "--conditional), which samples then come from; 0: none (default: "
-                                            f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit)")),
+                                            f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
+                                            "--learned-prior)")),
     ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
                           help="use only the first N training and N test images (quick runs)")),
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256,

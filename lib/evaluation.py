@@ -10,7 +10,7 @@
 
   - fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the
     samples and of the test images (Fréchet 1957; Dowson & Landau 1982; the FID of Heusel et al.
-    2017 with an MNIST network in place of Inception). fd_prior: the same for N(0, I) samples.
+    2017 with an MNIST network in place of Inception). fd_prior: the same for samples of the prior.
   - class_entropy: entropy of the histogram of predicted classes, ln 10 = 2.303 when every digit
     is equally common; low values mean some digits are rarely or never drawn.
   - digit_accuracy (conditional models): fraction of samples classified as the digit asked for;

@@ -149,7 +149,10 @@ def restore_flags(args, stored: dict) -> None:
 
 
 def mixture_components(args, num_classes: int) -> int:
-    return default_components(num_classes) if args.mixture_components is None else args.mixture_components
+    """--mixture-components, or its default: none for a learned prior (samples come from it)."""
+    if args.mixture_components is not None:
+        return args.mixture_components
+    return 0 if args.learned_prior else default_components(num_classes)
 
 
 def learning_rate(args, progress: float) -> float:

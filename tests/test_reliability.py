@@ -364,10 +364,14 @@ def test_full_disk_keeps_the_old_file_and_says_one_line(good, tmp_path, monkeypa
 
 # -- 3. corrupted weights ----------------------------------------------------------------------
 
-def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys):
+@pytest.mark.parametrize("part, name", [("model", "to_stats.weight"), ("ema", "to_stats.weight"),
+                                        ("optimizer", None), ("rng", "noise"), ("latent_mixture", "means")])
+def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys, part, name):
+    """One bit of any stored state (weights, their average, Adam's moments, a generator state,
+    the mixture) changes what a resume or a loaded model does: it is reported, never used."""
     c = torch.load(good, weights_only=True)
-    w = c["model"]["to_stats.weight"]
-    w.view(torch.int32)[0, 0] ^= 1 << 20  # one bit of one weight
+    t = c["optimizer"]["state"][0]["exp_avg"] if part == "optimizer" else c[part][name]
+    t.view(torch.uint8).view(-1)[5] ^= 1 << 3
     bad = tmp_path / "flip.pt"
     torch.save(c, bad)
     for main, extra in ((generate.main, ["--out", tmp_path / "o"]), (evaluate.main, []),
