@@ -194,8 +194,10 @@ def main(argv=None) -> int:
     for model_name in args.models:
         torch.manual_seed(0)
         model = VAE(MODELS[model_name]).to(device)
-        # The conventional pipeline trains its own copy (same initial weights) with its own Adam.
+        # The conventional pipeline trains its own copy (same initial weights) with its own Adam;
+        # the project's is kept in channels_last, as train.py keeps it.
         tutorial_model = copy.deepcopy(model)
+        model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
         tutorial_opt = torch.optim.Adam(tutorial_model.parameters(), lr=1e-3)
         noise = torch.Generator(device=device).manual_seed(0)
