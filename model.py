@@ -258,7 +258,10 @@ class VAE(nn.Module):
         """x: [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]. labels: [B] class
         numbers (a list or an int too) for a conditional model. UserError (a ValueError) for
         pixels outside [0, 1] (checked on the CPU) or labels the model cannot take."""
-        labels = check_input(self.config, x, labels)
+        return self._encode(x, check_input(self.config, x, labels))
+
+    def _encode(self, x: torch.Tensor, labels: torch.Tensor | None):
+        """encode's network, for inputs already checked (by the public method that takes them)."""
         h = self.enc_head(with_labels(self.enc_body(x), labels, self.config.num_classes))
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar
@@ -306,7 +309,7 @@ class VAE(nn.Module):
         UserError for images or labels the model cannot take, as `encode`.
         """
         labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction)
-        mu, logvar = self.encode(x, labels)
+        mu, logvar = self._encode(x, labels)
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
@@ -335,7 +338,7 @@ class VAE(nn.Module):
         labels = check_input(self.config, x, labels, k, chunk)
         several = isinstance(prior, (list, tuple))
         priors = prior if several else [self.prior if prior is None else prior]
-        mu, logvar = self.encode(x, labels)
+        mu, logvar = self._encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         total = torch.full((len(priors), mu.shape[0]), -math.inf, device=mu.device)
         for done in range(0, k, chunk):
@@ -353,9 +356,8 @@ class VAE(nn.Module):
         z comes from the fitted latent mixture when the model has one (for a conditional model,
         each image's from its label's mixture, class by class in increasing order), else, or with
         prior=True, from the model's prior p(z) (N(0, I), or the learned one); all draws from
-        `generator`. labels: one label for all n, or n of
-        them (conditional models only). UserError (a ValueError) for n < 1 or labels the model
-        cannot take.
+        `generator`. labels: one label for all n, or n of them (conditional models only).
+        UserError (a ValueError) for n < 1 or labels the model cannot take.
         """
         labels = check_latent(self.config, None, labels, n, generator)
         labels = None if labels is None else labels.to(self.device)
@@ -378,7 +380,7 @@ class VAE(nn.Module):
         """Decoder means at the posterior means: [B, C, H, W] -> [B, C, H, W] in [0, 1]."""
         x = x.to(self.device)
         labels = check_input(self.config, x, labels)
-        mu, _ = self.encode(x, labels)
+        mu, _ = self._encode(x, labels)
         return torch.sigmoid(self.decode(mu, labels))
 
     @classmethod

@@ -99,12 +99,12 @@ def train(run: training.Run, signals: training.Signals) -> int:
         training.check_finite(stats, 0, steps, run, epoch)
 
         train_recon, train_kl, train_objective = (stats.sum(0) / n).tolist()
-        test = negative_elbo(run.ema or model, run.test_set, args.eval_batch_size, args.seed, run.bf16)
+        test = negative_elbo(run.evaluated, run.test_set, args.eval_batch_size, args.seed, run.bf16)
         row = {"epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
                "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
                "kl_weight": training.kl_weight(args, epoch + 1)}
         if args.iw_k > 1:  # the bound the run optimises, on the test set too (fp32, seeded)
-            test_iw = importance_nll(run.ema or model, run.test_set, args.iw_k, min(args.iw_k, 100), args.eval_batch_size,
+            test_iw = importance_nll(run.evaluated, run.test_set, args.iw_k, min(args.iw_k, 100), args.eval_batch_size,
                                      args.seed)[0]
             row.update(train_iw=train_objective, test_iw=test_iw)
         row["seconds"] = time.perf_counter() - started  # the epoch's training and evaluation

@@ -112,6 +112,9 @@ TRAIN_FLAGS = (
                               help="torch.compile the objective (about 30 s of start-up on a 2-core CPU)")),
 )
 RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
+# each flag's value when not given (argparse's: False for a switch, else `default`)
+DEFAULTS = {flag[2:].replace("-", "_"): kw.get("default", False if kw.get("action") == "store_true" else None)
+            for flag, _, kw in TRAIN_FLAGS}
 MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "learned_prior")
 
 
@@ -161,15 +164,15 @@ def check_flags(args) -> VAEConfig:
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
-def check_stored_flags(stored: dict, path, config: VAEConfig) -> argparse.Namespace:
+def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
     """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
     and the rules between them, and in agreement with the stored model. A flag the checkpoint does
-    not have (one added to the table after it was written) takes its default. Returns them."""
+    not have (one added to the table after it was written) takes its default, in `stored`."""
     for flag, run, keywords in TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         if not run and name != "epochs":
             continue
-        v = stored.setdefault(name, keywords.get("default", False))
+        v = stored.setdefault(name, DEFAULTS[name])
         try:
             if keywords.get("action") == "store_true":
                 ok = isinstance(v, bool)
@@ -185,13 +188,11 @@ def check_stored_flags(stored: dict, path, config: VAEConfig) -> argparse.Namesp
             ok = False
         if not ok:
             raise UserError(f"{path}: bad checkpoint field args[{name!r}]: {v!r} is not a valid {flag}")
-    args = argparse.Namespace(**{name: stored[name] for name in RUN_FLAGS})
     try:
-        if check_flags(args) != config:
+        if check_flags(argparse.Namespace(**{name: stored[name] for name in RUN_FLAGS})) != config:
             raise UserError("they describe another model than the stored one")
     except UserError as e:
         raise UserError(f"{path}: bad checkpoint field args: {e}") from None
-    return args
 
 
 def load_vae(path, map_location=None) -> tuple[VAE, dict]:

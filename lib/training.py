@@ -53,6 +53,12 @@ class Run:
     on_disk: str = "no checkpoint was written"  # what a failure leaves on disk, for its message
 
     @property
+    def evaluated(self) -> VAE:
+        """The weights the test loss, the latent mixture, samples and a loaded model use: the
+        average (--ema) where the run keeps one, else the trained weights."""
+        return self.ema or self.model
+
+    @property
     def steps(self) -> int:
         return math.ceil(len(self.train_set) / self.args.batch_size)
 
@@ -139,10 +145,9 @@ def setup(args):
 
 def restore_flags(args, stored: dict) -> None:
     """--resume continues the run as it started: its RUN flags replace the command line's."""
-    defaults = cli.Parser("", cli.TRAIN_FLAGS)
     for name in cli.RUN_FLAGS:
-        given, default = getattr(args, name), defaults.get_default(name)
-        if given != default and given != stored[name]:
+        given = getattr(args, name)
+        if given != cli.DEFAULTS[name] and given != stored[name]:
             print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run "
                   f"({stored[name]})")
         setattr(args, name, stored[name])
@@ -202,7 +207,7 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
         "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
         "rng": {"torch": torch.get_rng_state(), "noise": run.noise.get_state()},
         "metrics": run.metrics, "args": {k: getattr(run.args, k) for k in ("epochs", *cli.RUN_FLAGS)},
-        "latent_mixture": None if (run.ema or run.model).latent_mixture is None else (run.ema or run.model).latent_mixture.state(),
+        "latent_mixture": None if run.evaluated.latent_mixture is None else run.evaluated.latent_mixture.state(),
     }
     files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
     if step == 0:
@@ -220,7 +225,7 @@ def fit_latent_mixture(run: Run) -> None:
     if m == 0:
         return
     t0 = time.perf_counter()
-    model = run.ema or run.model  # the weights samples are decoded with
+    model = run.evaluated
     fitted = fit_to_model(model, run.train_set.images, run.train_set.labels, m, run.args.seed)
     if fitted is None:
         print("note: no latent mixture fitted (a digit has no training image); samples come from the prior")
