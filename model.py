@@ -331,13 +331,13 @@ class VAE(nn.Module):
 
         a lower bound that tightens with K (K = 1 is the one-sample ELBO). Samples are drawn
         `chunk` at a time (torch.randn [chunk, B, d] from `generator`), so memory stays bounded for
-        any K. prior: p(z), an object with log_prob (None: the model's own), or a list of them:
+        any K. prior: p(z), an object with log_prob (None: the model's own), or a list of these:
         then [P, B], all from the same samples and one pass of the decoder. UserError (a
         ValueError) for k or chunk that are not ints >= 1, and for bad images or labels.
         """
         labels = check_input(self.config, x, labels, k, chunk)
         several = isinstance(prior, (list, tuple))
-        priors = prior if several else [self.prior if prior is None else prior]
+        priors = [self.prior if p is None else p for p in (prior if several else [prior])]
         mu, logvar = self._encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         total = torch.full((len(priors), mu.shape[0]), -math.inf, device=mu.device)

@@ -66,7 +66,6 @@ def importance_nll(model: VAE, data: TensorDataset, k: int, chunk: int, batch_si
     of `priors` (None: the model's N(0, I)), all from one set of samples (one decoder pass)."""
     gen = torch.Generator(device=data.images.device).manual_seed(seed)
     total = torch.zeros(len(priors), dtype=torch.float64, device=data.images.device)
-    priors = [model.prior if p is None else p for p in priors]
     bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)
     for x, y in data.batches(batch_size):
         ll = model.log_likelihood(x, y if model.config.num_classes else None, k=k, chunk=chunk,

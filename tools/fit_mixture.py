@@ -19,8 +19,8 @@ from lib import cli  # noqa: E402
 from lib.checks import UserError, with_checksums  # noqa: E402
 from lib.data import TensorDataset  # noqa: E402
 from lib.files import Lock, save_atomic  # noqa: E402
-from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS, fit_to_model  # noqa: E402
-from lib.mixture import default_components  # noqa: E402
+from lib.mixture import (DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS,  # noqa: E402
+                         default_components, fit_to_model)
 
 
 def build_parser() -> cli.Parser:
