@@ -5,23 +5,12 @@
     python evaluate.py --checkpoint PATH --sample-quality         # Fréchet distance and more
     python evaluate.py --checkpoint PATH --prior-components 50    # also with a fitted prior
 
-log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x)
-(Burda, Grosse & Salakhutdinov 2015, eq. 8). It is a lower bound on log p(x) that tightens as K
-grows (K = 1 is the ELBO) and converges to log p(x). Samples are drawn --chunk at a time, so
-memory stays bounded for any K. The test set is binarized exactly as in training when the
-checkpoint was trained with --binarize.
-
---prior-components M also reports the NLL of the same decoder under a prior fitted after training:
-an M-component full-covariance mixture (lib/mixture.py) fitted to one posterior sample z ~ q(z|x)
-of each training image (binarized once, if the model was trained binarized), used as p(z) in the
-same weights (the same samples: the decoder runs once for both priors). The model's own prior
-(N(0, I), or the one learned with --learned-prior) is what it was trained against; the gap is
-the part of the NLL that comes from that prior not matching the aggregate posterior (Hoffman &
-Johnson 2016, "ELBO surgery"; the two-stage idea of Dai & Wipf 2019).
-
---sample-quality scores 10,000 samples instead (lib/evaluation.py says what each figure means):
-fd, fd_prior, class_entropy, digit_accuracy, nn_samples, nn_test_recon, and the floors fd_floor
-and nn_test of the test images themselves.
+The NLL is VAE.log_likelihood's bound (Burda et al. 2015, eq. 8), on the test set binarized as in
+training when the checkpoint was trained with --binarize. --prior-components M also scores the same
+decoder under an M-component mixture fitted to one posterior sample of each training image, from
+the same samples: the gap to the model's own prior is the part of the NLL that comes from that
+prior not matching the aggregate posterior (Hoffman & Johnson 2016; Dai & Wipf 2019).
+--sample-quality scores samples instead (lib/evaluation.py says what each figure means).
 """
 
 from __future__ import annotations
@@ -33,9 +22,8 @@ import time
 
 from lib import cli
 from lib.checks import UserError
-from lib.evaluation import DEFAULT_WEIGHTS, load_classifier
 from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
-from lib.evaluation import importance_nll, negative_elbo, sample_scores
+from lib.evaluation import DEFAULT_WEIGHTS, importance_nll, load_classifier, negative_elbo, sample_scores
 from lib.files import check_output_path, write_atomic
 from lib.mixture import MAX_COMPONENTS, fit_to_model
 from model import VAE, GaussianMixture

@@ -3,14 +3,11 @@
     python generate.py                         # after python train.py
     python generate.py --digit 7               # a conditional checkpoint: a grid of 7s
 
-The model is rebuilt from the checkpoint alone. Same seed, same images. Written (GRIDS):
-reconstructions.png (rows of test digits, each above its reconstruction); samples.png (--n draws
-from the checkpoint's latent mixture, or the prior if it has none) and samples_prior.png (from
-the model's prior p(z)), one row per digit for a conditional model; interpolation.png (rows from one test digit
-to another, linear in the posterior means); traversal.png (from a test digit's posterior mean,
-one row per active latent dimension, most active first, swept over [-3, 3]); with a 2-d latent
-also manifold.png (decoder means over a grid of z through the Gaussian inverse CDF, Kingma &
-Welling 2014, fig. 4).
+The model is rebuilt from the checkpoint alone; same seed, same images. GRIDS: test digits above
+their reconstructions; samples from the latent mixture (else the prior) and from the prior, a row
+per digit if conditional; interpolations between posterior means; a traversal of each active
+latent dimension over [-3, 3]; for a 2-d latent the manifold (decoder means over a grid of z
+through the Gaussian inverse CDF, Kingma & Welling 2014, fig. 4).
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
 """A variational autoencoder for 28x28 grey-level images (MNIST): the probabilistic model.
 
-    p(z) = N(0, I)                                    prior (StandardNormal; or LearnedMixture)
-    q(z|x) = N(mu(x), diag sigma^2(x))                Gaussian encoder
-    p(x|z) = prod_i Bernoulli(x_i; sigmoid(f(z)_i))   decoder logits f(z)
-    ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x)           Kingma & Welling (2014), eq. 3
+    p(z) = N(0, I), or a mixture learned with the model   prior (StandardNormal, LearnedMixture)
+    q(z|x) = N(mu(x), diag sigma^2(x))                     Gaussian encoder
+    p(x|z) = prod_i Bernoulli(x_i; sigmoid(f(z)_i))        decoder logits f(z)
     L_K(x) = E[log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x)   Burda et al. (2015), eq. 8
 
-L_1 is the ELBO, and L_K tightens towards log p(x) as K grows. `VAE.loss` is the training objective
-(-L_K, K = 1 by default), `VAE.log_likelihood` the importance-sampled estimate of log p(x) under
-any prior. Samples come from N(0, I) or from a Gaussian mixture fitted to the posterior means
-after training (`GaussianMixture`, "ex-post density estimation", Ghosh et al. 2020, sec. 4).
-
-Every size lives in `VAEConfig`. No argparse and no file I/O: `from_checkpoint` hands the file to
-lib/checks.py, which also checks the Python API's arguments. `python model.py` prints the shapes.
-
-References
-- Kingma & Welling (2014), "Auto-Encoding Variational Bayes", arXiv:1312.6114: the ELBO (eq. 3,
-  10), the reparameterisation trick (sec. 2.4), the analytic Gaussian KL (App. B).
-- Burda, Grosse & Salakhutdinov (2015), "Importance Weighted Autoencoders", arXiv:1509.00519.
-- He et al. (2016), "Deep Residual Learning for Image Recognition", arXiv:1512.03385 (ResBlock).
-- Ghosh et al. (2020), "From Variational to Deterministic Autoencoders", arXiv:1903.12436.
+L_1 is the ELBO (Kingma & Welling 2014, eq. 3); L_K tightens towards log p(x) as K grows.
+`VAE.loss` is the training objective -L_K, `VAE.log_likelihood` the importance-sampled log p(x)
+under any prior. Samples come from the prior or from a `GaussianMixture` fitted to the posterior
+means after training (Ghosh et al. 2020, sec. 4). Every size lives in `VAEConfig`; no argparse,
+no file I/O (lib/checks.py reads checkpoints and checks the API's arguments). `python model.py`
+prints the shapes. Papers: Kingma & Welling, arXiv:1312.6114; Burda, Grosse & Salakhutdinov,
+arXiv:1509.00519; He et al. (ResBlock), arXiv:1512.03385; Ghosh et al., arXiv:1903.12436.
 """
 
 from __future__ import annotations
@@ -75,20 +67,15 @@ class LossParts(NamedTuple):
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the last dim (or per dim: per_dim).
-
-    Kingma & Welling (2014), App. B: -KL = 1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2).
-    """
+    """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the last dim (or per dim: per_dim):
+    -KL = 1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2), Kingma & Welling (2014), App. B."""
     terms = 1 + logvar - mu.pow(2) - logvar.exp()
     return -0.5 * (terms if per_dim else torch.sum(terms, dim=-1))
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) in nats for Bernoulli pixels given decoder logits, summed per image: [B, ...] -> [B].
-
-    Targets may be grey levels in [0, 1] (the usual MNIST protocol: the binary cross-entropy) or
-    binarized pixels. `binary_cross_entropy_with_logits` is the numerically stable form.
-    """
+    """-log p(x|z) in nats, Bernoulli pixels given decoder logits, summed per image: [B, ...] -> [B].
+    Targets: grey levels in [0, 1] (the usual MNIST protocol, the binary cross-entropy) or bits."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
 
 
@@ -153,13 +140,9 @@ class LearnedMixture(nn.Module):
 
 
 class GaussianMixture(nn.Module):
-    """p(z) = sum_m w_m N(z; mu_m, L_m L_m^T), full covariances, for G groups of M components: one
-    group, or one per class of a conditional model (group = label). Fitted by EM (lib/mixture.py).
-
-    weights [G, M], means [G, M, d], scale_tril [G, M, d, d], kept as non-persistent buffers: they
-    follow .to(device) but stay out of the model's state_dict; a checkpoint stores them as plain
-    tensors under "latent_mixture" (`state()`), checked on load.
-    """
+    """p(z) = sum_m w_m N(z; mu_m, L_m L_m^T), full covariances, for G groups of M components (one
+    per class of a conditional model), fitted by EM (lib/mixture.py): weights [G, M], means [G, M, d],
+    scale_tril [G, M, d, d]. Buffers outside the state_dict: a checkpoint stores `state()` apart."""
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor):
         super().__init__()

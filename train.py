@@ -40,8 +40,8 @@ def main(argv=None) -> int:
             training.fit_latent_mixture(run)
     except training.Interrupted as e:
         if run is None:
-            return training.report(args, e.signum, "before training started", "nothing was written")
-        return training.report(args, e.signum, "while fitting the latent mixture",
+            return training.report(e.args[0], "before training started", "nothing was written")
+        return training.report(e.args[0], "while fitting the latent mixture",
                                f"{args.checkpoint} holds the trained model without it; "
                                + training.resume_hint(args) + " (fits it)")
     print(f"done: test loss {run.metrics[-1]['test_loss']:.2f} nats/image (negative ELBO, beta = 1); "
@@ -93,7 +93,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
             if signals.received is not None and step + 1 < steps:
                 bar.close()
                 training.save(run, epoch, step + 1, stats, time.perf_counter() - started)
-                return training.report(args, signals.received, f"at epoch {epoch + 1}, step {step + 1}/{steps}",
+                return training.report(signals.received, f"at epoch {epoch + 1}, step {step + 1}/{steps}",
                                        f"saved {args.checkpoint}; " + training.resume_hint(args))
         bar.close()
         training.check_finite(stats, 0, steps, run, epoch)
@@ -119,7 +119,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
               flush=True)
         if signals.received is not None:
             last = epoch + 1 == args.epochs
-            return training.report(args, signals.received, f"at the end of epoch {epoch + 1}",
+            return training.report(signals.received, f"at the end of epoch {epoch + 1}",
                                    f"saved {args.checkpoint}" + (" without its latent mixture" if last else "")
                                    + "; " + training.resume_hint(args) + (" (fits it)" if last else ""))
     return 0

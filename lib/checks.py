@@ -1,15 +1,10 @@
-"""The boundary: every untrusted input is checked here, once, with a one-line error.
+"""The boundary: every untrusted input (checkpoint files, model configs, the latent mixture, the optimiser state,
+the arguments of the model's Python API) is checked here, once, before use, with a one-line UserError.
 
-Checkpoint files (every field, before anything uses it), model configs, the latent mixture, the
-optimiser state, and the arguments of the model's Python API. model.py calls in here where its
-API promises a check; its math keeps asserts for programmer errors only.
-
-A checkpoint (format FORMAT) is a dict of plain types and tensors, so `torch.load(weights_only=True)`
-reads it: format, model_config, model (state dict of the trained weights), ema (of their moving
-average, or None: the weights a loaded model gets), optimizer (state dict), epoch (completed
-epochs), step (steps done in the unfinished epoch), partial (that epoch's per-step sums [step, 3]),
-partial_seconds, rng (generator states), metrics (a dict per completed epoch), args (the training
-flags), latent_mixture (or None), sha256 (of model, ema, optimizer, rng and latent_mixture).
+A checkpoint (format FORMAT), read with torch.load(weights_only=True), is a dict of plain types and tensors: KEYS and
+sha256 (of the SEALED parts). model and ema are state dicts of the weights and of their moving average (or None; else
+the weights a loaded model gets); epoch counts complete epochs, step the steps done in the next, partial [step, 3]
+their sums; rng holds generator states, metrics a dict per epoch, args the training flags; latent_mixture or None.
 """
 
 from __future__ import annotations
@@ -26,8 +21,7 @@ import torch
 
 FORMAT = 2
 MAX_EPOCHS = 1_000_000
-# Upper bounds on the sizes, far above any useful MNIST model: a config from a flag or a
-# checkpoint that asks for more is refused before torch tries to allocate it.
+# Far above any useful MNIST model: a config that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "learned_prior": 10000}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
@@ -36,8 +30,7 @@ KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", 
 
 
 class UserError(ValueError):
-    """A problem the user can fix (a flag, a file, an argument); str() is one line naming it.
-    The scripts print it and exit 1."""
+    """A problem the user can fix (a flag, a file, an argument); str() is one line naming it."""
 
 
 def is_int(v) -> bool:
@@ -59,12 +52,11 @@ def first_line(e: BaseException) -> str:
 # -- the Python API -----------------------------------------------------------------------------
 
 def check_config(config, choices: dict) -> None:
-    """UserError unless every field of a model config (a VAEConfig) has its type and range;
-    `choices` maps the string fields to their allowed values."""
+    """UserError unless every field of a VAEConfig has its type and range (`choices`: the string fields' values)."""
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    for name in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks", "learned_prior"):
+    for name in [n for n in MAX_SIZE if n != "channels"]:
         v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "learned_prior") else 1
         if not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
@@ -79,9 +71,8 @@ def check_config(config, choices: dict) -> None:
 
 
 def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
-    """Labels (an int, a list or a tensor of class numbers) as a [n] long tensor on `device` (a
-    single label is repeated n times), or None for an unconditional model; UserError for labels
-    the model cannot take."""
+    """Labels (an int, a list or a tensor of class numbers) as a [n] long tensor on `device` (one label is repeated
+    n times), or None for an unconditional model; UserError for labels the model cannot take."""
     if num_classes == 0:
         if labels is not None:
             raise UserError("this VAE is unconditional: it takes no labels")
@@ -102,10 +93,9 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
 
 
 def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean"):
-    """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32
-    tensor [B, C, H, W] with pixels in [0, 1] (checked on the CPU; on a GPU the check would stall
-    every step on a host sync); labels as `as_labels` takes them; ints k, chunk >= 1; the noise
-    eps, a float tensor [k, B, latent_dim]; a reduction. Returns the labels as a tensor."""
+    """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32 tensor [B, C, H, W]
+    of pixels in [0, 1] (checked on the CPU only, as labels are); labels as `as_labels` takes them; ints k,
+    chunk >= 1; the noise eps, a float tensor [k, B, latent_dim]; a reduction. Returns the labels as a tensor."""
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
@@ -130,9 +120,8 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
 
 
 def check_latent(config, z, labels, n=None, generator=None) -> torch.Tensor | None:
-    """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim]) or of VAE.sample
-    (a number of images n >= 1, a torch.Generator or None), and their labels as `as_labels` takes
-    them. Returns the labels as a tensor."""
+    """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim]) or of VAE.sample (a number of
+    images n >= 1, a torch.Generator or None), and their labels as `as_labels` takes them; returns the labels."""
     if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
                               and z.shape[1] == config.latent_dim):
         raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {list(getattr(z, 'shape', [z]))}")
@@ -145,8 +134,8 @@ def check_latent(config, z, labels, n=None, generator=None) -> torch.Tensor | No
 
 
 def check_mixture(mixture, latent_dim: int, groups: int) -> None:
-    """UserError unless `mixture` holds finite weights [G, M] (positive, summing to 1), means
-    [G, M, d] and lower-triangular scale_tril [G, M, d, d] with a positive diagonal."""
+    """UserError unless `mixture` holds finite weights [G, M] (positive, summing to 1), means [G, M, d] and
+    lower-triangular scale_tril [G, M, d, d] with a positive diagonal."""
     if not isinstance(mixture, dict) or set(mixture) != {"weights", "means", "scale_tril"}:
         raise UserError("latent mixture: expected the keys weights, means, scale_tril")
     w, m, L = mixture["weights"], mixture["means"], mixture["scale_tril"]
@@ -168,13 +157,13 @@ def check_mixture(mixture, latent_dim: int, groups: int) -> None:
 # -- files ----------------------------------------------------------------------------------------
 
 def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
-    """The dict in a torch.save file, read safely: a file that is not a torch.save archive is never
-    unpickled, and torch.load(weights_only=True) admits tensors and plain data only. UserError,
-    one line naming the file, for a missing, foreign, truncated or crafted file (whose payload
-    never runs), or anything but a dict."""
+    """The dict in a torch.save file, read safely: a file that is not a torch.save (zip) archive is never unpickled,
+    and torch.load(weights_only=True) admits tensors and plain data only. UserError, one line naming the file, for a
+    missing, foreign, truncated or crafted file (whose payload never runs), or anything but a dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: " + (f"no such {what}" if not os.path.exists(path) else f"not a file; expected a {what}"))
+        why = f"no such {what}" if not os.path.exists(path) else f"not a file; expected a {what}"
+        raise UserError(f"{path}: {why}")
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         try:
             device = torch.device(map_location)
@@ -203,8 +192,7 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
 
 
 def digest(obj) -> str:
-    """SHA-256 over a nested structure of dicts, lists and tensors (keys sorted; each tensor's
-    dtype, shape and bytes), so a flipped bit in a stored tensor is reported, not used."""
+    """SHA-256 over nested dicts, lists and tensors (keys sorted; each tensor's dtype, shape and bytes)."""
     h = hashlib.sha256()
 
     def walk(o):
@@ -238,8 +226,8 @@ def with_checksums(ckpt: dict) -> dict:
 
 
 def load_checkpoint(path, map_location=None) -> dict:
-    """A checkpoint written by train.py, read (read_archive) and checked: format, checksums, and
-    the type and range of every field. The model is built from it by `load_model`."""
+    """A checkpoint written by train.py, read (read_archive) and checked: format, checksums (so a flipped bit is
+    reported, not used), and the type and range of every field. `load_model` builds the model from it."""
     ckpt = read_archive(path, map_location)
     path = os.fspath(path)
 
@@ -258,7 +246,8 @@ def load_checkpoint(path, map_location=None) -> dict:
         raise UserError(f"{path}: corrupt: no checksums, or they are not a dict of strings")
     for k in SEALED:
         if (ckpt[k] is None) != (k not in sums) or (k in sums and digest(ckpt[k]) != sums[k]):
-            raise UserError(f"{path}: corrupt: the {k} state does not match its stored SHA-256 (a damaged or edited file)")
+            raise UserError(f"{path}: corrupt: the {k} state does not match its stored SHA-256 "
+                            "(a damaged or edited file)")
     require(isinstance(ckpt["model_config"], dict) and None not in ckpt["model_config"].values(),
             "model_config", "not a dict of values")
     for key in ("model", "ema") if ckpt["ema"] is not None else ("model",):
@@ -268,7 +257,7 @@ def load_checkpoint(path, map_location=None) -> dict:
             require(t.is_floating_point() and torch.isfinite(t).all(), f"{key}[{name!r}]",
                     f"expected finite floating point values, got a {t.dtype} tensor")
     require(ckpt["ema"] is None or ckpt["ema"].keys() == ckpt["model"].keys(), "ema", "not the model's weights")
-    epoch, step, partial, seconds, metrics = (ckpt[k] for k in ("epoch", "step", "partial", "partial_seconds", "metrics"))
+    epoch, step, partial, seconds, metrics = map(ckpt.get, ("epoch", "step", "partial", "partial_seconds", "metrics"))
     require(is_int(epoch) and 0 <= epoch <= MAX_EPOCHS, "epoch", f"expected an int in [0, {MAX_EPOCHS}], got {epoch!r}")
     require(is_int(step) and step >= 0, "step", f"expected an int >= 0, got {step!r}")
     require(is_number(seconds) and seconds >= 0, "partial_seconds", f"expected a number >= 0, got {seconds!r}")
@@ -289,9 +278,8 @@ def load_checkpoint(path, map_location=None) -> dict:
 
 
 def load_model(path, model_class, config_class, mixture_class, map_location=None):
-    """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the
-    config, the weights (their moving average, where the run kept one) and the latent mixture,
-    each checked. Every problem is one UserError naming the file."""
+    """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
+    (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]
     expected = {f.name for f in fields(config_class)}
@@ -317,10 +305,9 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
 
 
 def check_resumable(ckpt: dict, path, params: list) -> None:
-    """What --resume reads beyond the model: the RNG states and an Adam state dict for exactly these
-    parameters (one group, sane hyper-parameters; per parameter a step, exp_avg and exp_avg_sq of
-    its shape, finite). Optimizer.load_state_dict checks the group sizes only; anything else would
-    fail, or silently mislead, at the first step."""
+    """What --resume reads beyond the model: the RNG states and an Adam state dict for exactly these parameters (one
+    group, sane hyper-parameters; per parameter a finite step, exp_avg and exp_avg_sq of its shape).
+    Optimizer.load_state_dict checks the group sizes only; anything else would fail, or mislead, at the first step."""
     def require(ok, why: str):
         if not ok:
             raise UserError(f"{path}: bad checkpoint field optimizer: {why}")
@@ -332,17 +319,18 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])
     except (RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad checkpoint field rng['torch']: not a CPU generator state ({first_line(e)})") from None
-    groups, per_param = ckpt["optimizer"].get("param_groups"), ckpt["optimizer"].get("state")
-    require(isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict), "expected one parameter group")
-    g = groups[0]
-    require(g.get("params") == list(range(len(params))), f"its group does not list this model's {len(params)} parameters")
+        raise UserError(f"{path}: bad checkpoint field rng['torch']: not a CPU generator state "
+                        f"({first_line(e)})") from None
+    groups, per_param, n = ckpt["optimizer"].get("param_groups"), ckpt["optimizer"].get("state"), len(params)
+    g = groups[0] if isinstance(groups, list) and len(groups) == 1 else None
+    require(isinstance(g, dict), "expected one parameter group")
+    require(g.get("params") == list(range(n)), f"its group does not list this model's {n} parameters")
     betas = g.get("betas")
     require(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
             f"betas must be two numbers in [0, 1), got {betas!r}")
     for name in ("lr", "eps", "weight_decay"):
         require(is_number(g.get(name)) and g[name] >= 0, f"{name} must be a finite number >= 0, got {g.get(name)!r}")
-    require(isinstance(per_param, dict) and set(per_param) <= set(range(len(params))),
+    require(isinstance(per_param, dict) and set(per_param) <= set(range(n)),
             "its state is not keyed by this model's parameters")
     for i, s in per_param.items():
         require(isinstance(s, dict) and set(s) == {"step", "exp_avg", "exp_avg_sq"},

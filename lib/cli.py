@@ -230,21 +230,16 @@ def pick_precision(name: str, device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return device.type == "cpu" and any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
     except OSError:  # not Linux: stay with fp32
         return False
-    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def keep_freed_memory() -> None:
-    """Keep freed tensor memory in the process instead of handing it back to the kernel each step.
-
-    glibc serves blocks above a moving threshold with mmap and trims the heap's top on free, so
-    every training step on a CPU page-faulted its activations back in (benchmarks/epoch_speed.py
-    counts the faults per step). Allocations under 32 MiB now stay in the heap, which keeps up
-    to 256 MiB free for the next step; peak memory is what one step needs. A no-op where the C
-    library is not glibc.
-    """
+    """Keep freed tensor memory in the process instead of handing it back to the kernel each step:
+    glibc serves large blocks with mmap and trims the heap on free, so every CPU step page-faulted
+    its activations back in (benchmarks/epoch_speed.py counts the faults). Blocks under 32 MiB now
+    stay in the heap, up to 256 MiB free of it. A no-op where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -1,13 +1,7 @@
-"""MNIST from the bundled IDX files, verified, decoded once into tensors that live on the device.
-
-Layout is torchvision's: `<data_dir>/MNIST/raw/*-ubyte(.gz)`. Before use each file is checked
-(gzip stream, IDX magic number, dimensions, length, SHA-256 of the decompressed content as listed
-in dataset/MNIST/raw/SHA256SUMS), decompressed next to its .gz if needed, and decoded into a
-tensor (the same tensor torchvision.datasets.MNIST reads; a test checks). Nothing is ever
+"""MNIST from torchvision's layout (`<data_dir>/MNIST/raw/*-ubyte(.gz)`): each file verified (gzip, IDX header,
+length, the SHA-256 of dataset/MNIST/raw/SHA256SUMS), decompressed beside its .gz if needed, and decoded once into
+a uint8 tensor [N, 1, 28, 28] that lives on the training device (no PIL or ToTensor per sample). Nothing is ever
 deleted or overwritten: a bad file is reported, one line naming it, and left for the user.
-
-Training never runs PIL or ToTensor per sample: a split is one uint8 tensor [N, 1, 28, 28] on the
-training device, and batches are drawn by indexing it with a random permutation.
 """
 
 from __future__ import annotations
@@ -26,22 +20,17 @@ from lib.checks import UserError, first_line
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset")
 
 # name -> shape; every file holds unsigned bytes (IDX type 0x08). http://yann.lecun.com/exdb/mnist/
-FILES = {
-    "train-images-idx3-ubyte": (60000, 28, 28),
-    "train-labels-idx1-ubyte": (60000,),
-    "t10k-images-idx3-ubyte": (10000, 28, 28),
-    "t10k-labels-idx1-ubyte": (10000,),
-}
+FILES = {"train-images-idx3-ubyte": (60000, 28, 28), "train-labels-idx1-ubyte": (60000,),
+         "t10k-images-idx3-ubyte": (10000, 28, 28), "t10k-labels-idx1-ubyte": (10000,)}
 # SHA-256 of the decompressed files; the same lines as dataset/MNIST/raw/SHA256SUMS (a test checks).
-SHA256 = {
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-}
+SHA256 = {"t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+          "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+          "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+          "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"}
 UBYTE = 0x08
 NUM_CLASSES = 10  # digits 0-9
 IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
+BINARIZE_SEED = 0  # the binarized test set is the same for every run, checkpoint and script
 
 
 def mnist_mismatch(image_channels: int, image_size: int, num_classes: int) -> str | None:
@@ -54,22 +43,19 @@ def mnist_mismatch(image_channels: int, image_size: int, num_classes: int) -> st
     return None
 
 
-BINARIZE_SEED = 0  # the binarized test set is the same for every run, checkpoint and script
-
-
 def raw_dir(data_dir) -> str:
     return os.path.join(os.fspath(data_dir), "MNIST", "raw")
 
 
 def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Decode IDX bytes (unsigned-byte type) into a uint8 tensor, checking the header, the
-    dimensions (`shape`, when given) and the length first; UserError naming `source`. A
-    bytearray is used in place (the tensor shares its memory), anything else is copied once."""
+    """Decode IDX bytes (unsigned-byte type) into a uint8 tensor, checking the header, the dimensions (`shape`, when
+    given) and the length first; UserError naming `source`. A bytearray is used in place, anything else copied once."""
     if len(data) < 4:
         raise UserError(f"{source}: too short for an IDX header ({len(data)} bytes)")
     zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if zero != 0 or dtype != UBYTE or not 1 <= ndim <= 4:
-        raise UserError(f"{source}: bad IDX magic number 0x{bytes(data[:4]).hex()} (expected 0x000008NN, unsigned bytes)")
+        raise UserError(f"{source}: bad IDX magic number 0x{bytes(data[:4]).hex()} "
+                        "(expected 0x000008NN, unsigned bytes)")
     if shape is not None and ndim != len(shape):
         raise UserError(f"{source}: has {ndim} dimensions, expected {len(shape)}")
     header = 4 + 4 * ndim
@@ -89,10 +75,9 @@ def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.
 
 
 def read_file(raw: str, name: str) -> bytearray | None:
-    """The verified content of `raw/name` (structure, then the SHA-256 of SHA256SUMS), decompressing
-    `name.gz` beside it if needed; None if neither exists. Reads at most one byte more than the
-    file should have, so a gzip bomb cannot fill memory. Never deletes or overwrites anything
-    but its own temp file."""
+    """The verified content of `raw/name` (structure, then the SHA-256 of SHA256SUMS), decompressing `name.gz` beside
+    it if needed; None if neither exists. Reads at most one byte more than the file should have, so a gzip bomb cannot
+    fill memory. Never deletes or overwrites anything but its own temp file."""
     plain, limit = os.path.join(raw, name), 4 + 4 * len(FILES[name]) + math.prod(FILES[name])
     source = plain if os.path.isfile(plain) else plain + ".gz"
     if not os.path.isfile(source):
@@ -101,8 +86,9 @@ def read_file(raw: str, name: str) -> bytearray | None:
         with (open(source, "rb") if source == plain else gzip.open(source, "rb")) as f:
             data = bytearray(f.read(limit + 1))
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError: truncated
-        why = f"cannot read ({e.strerror or e})" if source == plain else f"not a valid gzip file ({e or type(e).__name__})"
-        raise UserError(f"{source}: {why}") from None
+        if source == plain:
+            raise UserError(f"{source}: cannot read ({e.strerror or e})") from None
+        raise UserError(f"{source}: not a valid gzip file ({e or type(e).__name__})") from None
     hint = f"; delete it to re-extract it from {name}.gz" if source == plain else ""
     if len(data) > limit:
         raise UserError(f"{source}: decompresses to more than the expected {limit} bytes{hint}")
@@ -131,7 +117,6 @@ def read_file(raw: str, name: str) -> bytearray | None:
 def _download(data_dir: str) -> None:
     """torchvision's own download (needs internet); separate so tests can replace it."""
     import torchvision
-
     torchvision.datasets.MNIST(data_dir, train=True, download=True)
 
 
@@ -161,23 +146,22 @@ def _read_or_download(data_dir: str, names) -> list[bytearray]:
 
 
 def ensure_mnist(data_dir=DEFAULT_DATA_DIR) -> str:
-    """Verify (and decompress) all four files, downloading them if absent; returns the raw folder,
-    where torchvision.datasets.MNIST(data_dir) then finds everything it needs."""
+    """Verify (and decompress) all four files, downloading them if absent; returns the raw folder, where
+    torchvision.datasets.MNIST(data_dir) then finds everything it needs."""
     _read_or_download(os.fspath(data_dir), list(FILES))
     return raw_dir(data_dir)
 
 
 def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test':
-    the same tensors as torchvision.datasets.MNIST(data_dir).data and .targets (a test checks),
-    decoded from the verified bytes without a copy (torchvision would parse every file again)."""
+    """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test': the same tensors as
+    torchvision.datasets.MNIST(data_dir).data and .targets (a test checks), decoded from the verified bytes without
+    a copy (torchvision would parse every file again)."""
     assert split in ("train", "test"), split
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    images, labels = _read_or_download(os.fspath(data_dir), names)
-    raw = raw_dir(data_dir)
-    return (parse_idx(images, os.path.join(raw, names[0]), FILES[names[0]]).unsqueeze(1),
-            parse_idx(labels, os.path.join(raw, names[1]), FILES[names[1]]).long())
+    found = _read_or_download(os.fspath(data_dir), names)
+    images, labels = (parse_idx(b, os.path.join(raw_dir(data_dir), n), FILES[n]) for n, b in zip(names, found))
+    return images.unsqueeze(1), labels.long()
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -195,9 +179,7 @@ class TensorDataset:
     @classmethod
     def load(cls, split: str, data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None):
         images, labels = load_split(split, data_dir)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        return cls(images.to(device), labels.to(device))
+        return cls(images[:limit].to(device), labels[:limit].to(device))  # [:None]: all
 
     def binarized(self, seed: int) -> "TensorDataset":
         """A copy with each pixel drawn once as Bernoulli(grey level), stored as 0 or 255."""
@@ -228,8 +210,8 @@ class TensorDataset:
 
 def load_test_set(data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None,
                   binarize: bool = False) -> TensorDataset:
-    """The test split as every script evaluates it. For binarized runs, each pixel is drawn once as
-    Bernoulli(grey level) with BINARIZE_SEED, on the CPU so every device gets the same images."""
+    """The test split as every script evaluates it. For binarized runs, each pixel is drawn once as Bernoulli(grey
+    level) with BINARIZE_SEED, on the CPU so every device gets the same images."""
     test = TensorDataset.load("test", data_dir, "cpu", limit)
     if binarize:
         test = test.binarized(BINARIZE_SEED)

@@ -1,25 +1,17 @@
 """Scores of a trained model on the test set: its likelihood, and the quality of its samples.
 
-- `negative_elbo`: the negative ELBO (beta = 1) with one seeded posterior sample per image, the test
-  loss train.py prints every epoch.
-- `importance_nll`: -log p(x) by importance sampling with the encoder as proposal (Burda, Grosse
-  & Salakhutdinov 2015, eq. 8), a bound that tightens with K and converges to -log p(x).
-- `active_dimensions`: the latent dimensions the model uses (KL above ACTIVE_KL).
-- `sample_scores`: how good the samples are, in the features of the project's MNIST classifier
-  (`DigitClassifier`, below):
-
-  - fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the
-    samples and of the test images (Fréchet 1957; Dowson & Landau 1982; the FID of Heusel et al.
-    2017 with an MNIST network in place of Inception). fd_prior: the same for samples of the prior.
-  - class_entropy: entropy of the histogram of predicted classes, ln 10 = 2.303 when every digit
-    is equally common; low values mean some digits are rarely or never drawn.
-  - digit_accuracy (conditional models): fraction of samples classified as the digit asked for;
-    digit_accuracy_per_digit: the same for each digit.
-  - nn_samples, nn_test_recon: median L2 distance (pixels in [0, 1]) from each sample, and from
-    each reconstruction of a test image, to its nearest training image. Samples much nearer the
-    training set than reconstructions of unseen digits are copies, not new digits.
-  - fd_floor, nn_test: the same scores for the test images themselves against the training
-    images: what a perfect model would get.
+`negative_elbo` (the test loss train.py prints), `importance_nll` (-log p(x), Burda et al. 2015,
+eq. 8), `active_dimensions` (mean KL above ACTIVE_KL), and `sample_scores`, in the features of
+the project's MNIST classifier (`DigitClassifier`):
+- fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the
+  samples and of the test images (the FID of Heusel et al. 2017 with an MNIST network; Dowson &
+  Landau 1982); fd_prior the same for samples of the prior; fd_floor for the test images
+  against the training images.
+- class_entropy: entropy of the predicted classes' histogram, ln 10 = 2.303 when all digits are
+  equally common; digit_accuracy (conditional): samples classified as the digit asked for.
+- nn_samples, nn_test_recon, nn_test: median L2 distance (pixels in [0, 1]) to the nearest
+  training image from each sample, test reconstruction, test image: samples much nearer the
+  training set than reconstructions of unseen digits are copies.
 """
 
 from __future__ import annotations

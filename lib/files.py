@@ -1,8 +1,6 @@
-"""Output files that never end up half-written, and a lock so two trainings cannot share one.
-
-Writes are atomic: a temp file in the same folder, fsync, then os.replace. A crash or SIGKILL at
-any moment leaves either the previous complete file or the new one, never a partial file.
-"""
+"""Output files that are never half-written, and a lock so two trainings cannot share a checkpoint. A write goes to a
+temp file in the same folder, fsync, then os.replace: a crash or SIGKILL at any moment leaves the previous complete
+file or the new one, never a partial file."""
 
 from __future__ import annotations
 
@@ -19,9 +17,9 @@ TMP_SUFFIX = ".tmp"
 
 
 def check_output_path(path, what: str = "output file", devices_ok: bool = False) -> str:
-    """The one check of an output path, before any work: refuse, in one line, an empty path, a
-    folder, a special file (with devices_ok, a character device or a pipe passes: write_atomic
-    writes to it directly), an unwritable file, or a folder that cannot be made or written."""
+    """The one check of an output path, before any work: refuse, in one line, an empty path, a folder, a special
+    file (with devices_ok, a character device or a pipe passes: write_atomic writes to it directly), an unwritable
+    file, or a folder that cannot be made or written."""
     path = os.fspath(path)
     if not path:
         raise UserError(f"empty path given for the {what}")
@@ -53,13 +51,9 @@ def make_folder(path) -> None:
 
 
 def write_atomic(path, write) -> None:
-    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`
-    (atomic on POSIX and Windows): readers see the old file or the new one, never part of one.
-
-    A symbolic link is followed (the file it points to is replaced, not the link). A character
-    device or a pipe (`--json /dev/null`) is written to directly. A failed write (a full disk,
-    say) raises UserError, one line, and leaves the previous file as it was and no temp file.
-    """
+    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`. A symbolic link is
+    followed (its target is replaced); a character device or a pipe (`--json /dev/null`) is written to directly. A
+    failed write (a full disk, say) is a one-line UserError, leaving the previous file as it was and no temp file."""
     path = check_output_path(path, devices_ok=True)
     target = os.path.realpath(path)
     if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
@@ -71,8 +65,7 @@ def write_atomic(path, write) -> None:
         return
     make_folder(target)
     existed, folder = os.path.exists(target), os.path.dirname(target)
-    # Same folder, so os.replace is a rename, never a copy. The name says whose it is: pid and a
-    # random token, so remove_stale_temp_files can never mistake someone else's file for it.
+    # Same folder: os.replace is a rename. pid and a random token: remove_stale_temp_files knows whose file it is.
     tmp = f"{target}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -103,9 +96,9 @@ def save_atomic(obj, path) -> None:
 
 
 def remove_stale_temp_files(path) -> list[str]:
-    """Delete the temp files that an earlier write_atomic of `path` left when its process was
-    killed: only names it makes (<name>.<pid>.<16 hex>.tmp), only of processes no longer alive.
-    Call it under the file's Lock. Returns what it removed."""
+    """Delete the temp files that an earlier write_atomic of `path` left when its process was killed: only names it
+    makes (<name>.<pid>.<16 hex>.tmp), only of processes no longer alive. Call it under the file's Lock; returns
+    what it removed."""
     target = os.path.realpath(os.fspath(path))
     folder, removed = os.path.dirname(target), []
     pattern = re.compile(re.escape(os.path.basename(target)) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
@@ -114,11 +107,8 @@ def remove_stale_temp_files(path) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        m = pattern.fullmatch(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        full = os.path.join(folder, name)
-        if os.path.isfile(full) and not os.path.islink(full):
+        m, full = pattern.fullmatch(name), os.path.join(folder, name)
+        if m and not _alive(int(m.group(1))) and os.path.isfile(full) and not os.path.islink(full):
             os.unlink(full)
             removed.append(full)
     return removed
@@ -137,15 +127,13 @@ def _alive(pid: int) -> bool:
 
 
 class Lock:
-    """An exclusive lock on `<path>.lock`, so two trainings cannot write one checkpoint.
+    """An exclusive lock on `<path>.lock`, so two trainings cannot write one checkpoint. The OS releases a flock when
+    its process dies (SIGKILL included), so a stale lock file never blocks the next run. No flock (Windows): no lock."""
 
-    Uses flock, which the OS releases when the process dies (SIGKILL included), so a stale lock
-    file left behind never blocks the next run. Where flock does not exist (Windows), no lock.
-    """
+    _fd = None  # the locked file, while held
 
     def __init__(self, path):
         self.path = os.fspath(path) + ".lock"
-        self._fd = None
 
     def __enter__(self):
         try:

@@ -1,15 +1,10 @@
-"""Fitting a full-covariance Gaussian mixture by EM, to sample the latent space where data lie.
+"""A full-covariance Gaussian mixture fitted by EM in the latent space, where the data lie.
 
-Samples from the N(0, I) prior often land where no training image encodes to (the holes of the
-aggregate posterior) and decode to blurred or ambiguous digits. Fitting a mixture to the
-posterior means of the training images and sampling z from it instead is "ex-post density
-estimation" (Ghosh et al. 2020, sec. 4; Dai & Wipf 2019, "Diagnosing and Enhancing VAE Models").
-A conditional model gets one mixture per digit. The mixture itself, with `sample` and
-`log_prob`, is model.GaussianMixture; train.py fits it when training ends.
-
-Fitted instead to one posterior sample z ~ q(z|x) per training image, a mixture also serves as a
-prior p(z) for the likelihood (`evaluate.py --prior-components`): the decoder with a prior fitted
-to its aggregate posterior, a two-stage model as in Dai & Wipf 2019.
+Samples from N(0, I) often land in the holes of the aggregate posterior and decode to blurred
+digits; sampling z from a mixture fitted to the training images' posterior means instead is
+"ex-post density estimation" (Ghosh et al. 2020, sec. 4), one mixture per digit for a conditional
+model. Fitted to one posterior sample per image, it is a prior p(z) for the likelihood
+(`evaluate.py --prior-components`; Dai & Wipf 2019). The mixture itself is model.GaussianMixture.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""What train.py's loop calls: set-up (a new run, or a stored one resumed), the schedule, saving,
-signals, the metrics CSV and the latent mixture fitted when training ends.
-
-Everything that decides a run's numbers is a pure function of the seed and the progress
-(epoch + step / steps), or is stored in the checkpoint (weights, Adam state, both generators,
-the running sums of an unfinished epoch), so a resumed run replays the run that never stopped.
-"""
+"""What train.py's loop calls: set-up (new or resumed), the schedule, saving, signals, the latent
+mixture. Everything that decides a run's numbers is a pure function of the seed and the progress
+(epoch + step / steps) or is stored in the checkpoint, so a resumed run replays the one that never
+stopped."""
 
 from __future__ import annotations
 
@@ -239,11 +236,8 @@ def fit_latent_mixture(run: Run) -> None:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it);
+    args[0] is the signal number."""
 
 
 class Signals:
@@ -278,7 +272,7 @@ class Signals:
             signal.signal(s, h)
 
 
-def report(args, signum: int, where: str, kept: str) -> int:
+def report(signum: int, where: str, kept: str) -> int:
     """The one line a signal leaves on stderr; returns the shell's exit code (130 SIGINT, 143 SIGTERM)."""
     print(f"{signal.Signals(signum).name} {where}: {kept}", file=sys.stderr, flush=True)
     return 128 + signum

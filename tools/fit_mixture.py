@@ -1,10 +1,5 @@
-"""Fit (or refit) the latent mixture of an existing checkpoint, without training again.
-
-    python tools/fit_mixture.py --checkpoint checkpoints/vae.pt                 # the default size
-    python tools/fit_mixture.py --checkpoint checkpoints/vae.pt --components 0  # remove it
-
-train.py fits the mixture when training ends; this refits it with another number of components
-(lib/mixture.py says what the mixture is).
+"""Fit (or refit, or with --components 0 remove) the latent mixture of a checkpoint, without
+training again: `python tools/fit_mixture.py --checkpoint checkpoints/vae.pt [--components M]`.
 """
 
 from __future__ import annotations

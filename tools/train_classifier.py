@@ -1,10 +1,6 @@
-"""Train the MNIST classifier whose features score samples (`evaluate.py --sample-quality`).
-
-    python tools/train_classifier.py  # writes weights/mnist_classifier.pt, prints its SHA-256
-
-The project ships the weights this command wrote; its SHA-256 is classifier.WEIGHTS_SHA256, so
-every user scores with the same network. Run it again only to study the classifier itself: a
-new file has another hash, and evaluate.py then needs --classifier and --no-sha256-check.
+"""Train the MNIST classifier whose features score samples (`evaluate.py --sample-quality`):
+`python tools/train_classifier.py` writes weights/mnist_classifier.pt and prints its SHA-256. The
+project ships the file; a new one has another hash and needs evaluate.py --no-sha256-check.
 """
 
 from __future__ import annotations
