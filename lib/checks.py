@@ -257,7 +257,7 @@ def load_checkpoint(path, map_location=None) -> dict:
             require(t.is_floating_point() and torch.isfinite(t).all(), f"{key}[{name!r}]",
                     f"expected finite floating point values, got a {t.dtype} tensor")
     require(ckpt["ema"] is None or ckpt["ema"].keys() == ckpt["model"].keys(), "ema", "not the model's weights")
-    epoch, step, partial, seconds, metrics = map(ckpt.get, ("epoch", "step", "partial", "partial_seconds", "metrics"))
+    epoch, step, partial, seconds, metrics = (ckpt[k] for k in ("epoch", "step", "partial", "partial_seconds", "metrics"))
     require(is_int(epoch) and 0 <= epoch <= MAX_EPOCHS, "epoch", f"expected an int in [0, {MAX_EPOCHS}], got {epoch!r}")
     require(is_int(step) and step >= 0, "step", f"expected an int >= 0, got {step!r}")
     require(is_number(seconds) and seconds >= 0, "partial_seconds", f"expected a number >= 0, got {seconds!r}")

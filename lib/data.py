@@ -159,9 +159,10 @@ def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, tor
     assert split in ("train", "test"), split
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    found = _read_or_download(os.fspath(data_dir), names)
-    images, labels = (parse_idx(b, os.path.join(raw_dir(data_dir), n), FILES[n]) for n, b in zip(names, found))
-    return images.unsqueeze(1), labels.long()
+    images, labels = _read_or_download(os.fspath(data_dir), names)
+    raw = raw_dir(data_dir)
+    return (parse_idx(images, os.path.join(raw, names[0]), FILES[names[0]]).unsqueeze(1),
+            parse_idx(labels, os.path.join(raw, names[1]), FILES[names[1]]).long())
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,9 @@ class TensorDataset:
     @classmethod
     def load(cls, split: str, data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None):
         images, labels = load_split(split, data_dir)
-        return cls(images[:limit].to(device), labels[:limit].to(device))  # [:None]: all
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return cls(images.to(device), labels.to(device))
 
     def binarized(self, seed: int) -> "TensorDataset":
         """A copy with each pixel drawn once as Bernoulli(grey level), stored as 0 or 255."""

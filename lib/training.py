@@ -236,8 +236,11 @@ def fit_latent_mixture(run: Run) -> None:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it);
-    args[0] is the signal number."""
+    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class Signals:
