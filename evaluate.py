@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         "neg_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
         "seconds": time.perf_counter() - t0,
     }
-    own = f"a learned {model.config.learned_prior}-component mixture" if model.config.learned_prior else "N(0, I)"
+    own = f"a learned flow (L = {model.config.flow_prior} coupling layers)" if model.config.flow_prior else "N(0, I)"
     print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}, "
           f"prior {own} (the model's own)")
     print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} "

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
             u = torch.linspace(0.05, 0.95, MANIFOLD_SIDE, device=device)
             g = torch.distributions.Normal(0.0, 1.0).icdf(u)
             z = torch.stack(torch.meshgrid(g.flip(0), g, indexing="ij"), dim=-1).view(-1, 2)[:, [1, 0]]
+            z = model.prior(z) if model.config.flow_prior else z  # equal prior mass per cell
             zl = None if not k else torch.full((len(z),), args.digit, device=device)
             grids["manifold"] = torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE
 

@@ -1,6 +1,6 @@
 """A variational autoencoder for 28x28 grey-level images (MNIST): the probabilistic model.
 
-    p(z) = N(0, I), or a mixture learned with the model   prior (StandardNormal, LearnedMixture)
+    p(z) = N(0, I), or a flow learned with the model       prior (StandardNormal, FlowPrior)
     q(z|x) = N(mu(x), diag sigma^2(x))                     Gaussian encoder
     p(x|z) = prod_i Bernoulli(x_i; sigmoid(f(z)_i))        decoder logits f(z)
     L_K(x) = E[log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x)   Burda et al. (2015), eq. 8
@@ -11,7 +11,8 @@ under any prior. Samples come from the prior or from a `GaussianMixture` fitted 
 means after training (Ghosh et al. 2020, sec. 4). Every size lives in `VAEConfig`; no argparse,
 no file I/O (lib/checks.py reads checkpoints and checks the API's arguments). `python model.py`
 prints the shapes. Papers: Kingma & Welling, arXiv:1312.6114; Burda, Grosse & Salakhutdinov,
-arXiv:1509.00519; He et al. (ResBlock), arXiv:1512.03385; Ghosh et al., arXiv:1903.12436.
+arXiv:1509.00519; He et al. (ResBlock), arXiv:1512.03385; Ghosh et al., arXiv:1903.12436;
+Dinh et al. (RealNVP), arXiv:1605.08803; Xu et al., arXiv:1903.01240.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class VAEConfig:
     res_blocks: int | None = None  # residual blocks per conv resolution; None: 1 (conv), 0 (mlp)
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
     activation: str = "silu"  # "silu", "relu" or "elu"
-    learned_prior: int = 0  # > 0: p(z) is a mixture of this many diagonal Gaussians trained with the model
+    flow_prior: int = 0  # > 0: p(z) is N(0, I) through this many affine coupling layers trained with the model
 
     def __post_init__(self) -> None:
         if self.res_blocks is None:
@@ -113,30 +114,57 @@ class StandardNormal(nn.Module):
         return (-0.5 * (z.float().pow(2) + LOG_2PI)).sum(-1)
 
 
-class LearnedMixture(nn.Module):
-    """p(z) = sum_m w_m N(z; mu_m, diag sigma_m^2), w = softmax(logits): a prior trained jointly with
-    the encoder and decoder (the mixture prior of Dilokthanakul et al. 2016; Tomczak & Welling
-    2018 compare it with the VampPrior). Its parameters are the model's. The KL term of the
-    objective is then estimated by sampling, not in closed form (`VAE.loss`)."""
+class FlowPrior(nn.Module):
+    """p(z): N(0, I) pushed through L affine coupling layers, z = f(u) = f_L(...f_1(u)), trained with
+    the encoder and decoder (RealNVP, Dinh et al. 2017; the prior of a VAE with one stochastic layer
+    in Xu et al. 2019). Layer i keeps the even or the odd dimensions (alternately) and moves the
+    others: y = x * exp(s) + t, (s, t) = net_i(kept x), s bounded by tanh. By the change of variables
+    log p(z) = log N(u; 0, I) + log |det df^-1/dz|, u = f^-1(z), the log-determinant being minus the
+    sum of s over layers and dimensions. The last layer of each net starts at zero: training starts
+    at N(0, I). Its nets are `hidden_dim` wide."""
 
-    def __init__(self, components: int, latent_dim: int):
+    def __init__(self, layers: int, latent_dim: int, hidden_dim: int, act: type[nn.Module]):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(components))  # [M]
-        # spread like N(0, I) samples, so training starts near the standard normal prior
-        self.means = nn.Parameter(torch.randn(components, latent_dim))  # [M, d]
-        self.log_scales = nn.Parameter(torch.zeros(components, latent_dim))  # [M, d]
+        d = latent_dim
+        self.register_buffer("masks", torch.stack([(torch.arange(d) + i) % 2 == 0 for i in range(layers)]).float(),
+                             persistent=False)  # [L, d], 1: kept
+        self.nets = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden_dim), act(), nn.Linear(hidden_dim, hidden_dim),
+                                                act(), nn.Linear(hidden_dim, 2 * d)) for _ in range(layers))
+        for net in self.nets:
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+
+    def _scale_shift(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log scale s, shift t) of layer i from the kept dimensions of x, zero on the kept ones: [N, d] each."""
+        m = self.masks[i]
+        s, t = self.nets[i](x * m).chunk(2, dim=-1)
+        return torch.tanh(s) * (1 - m), t * (1 - m)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """z = f(u): [N, d] -> [N, d]."""
+        for i in range(len(self.nets)):
+            s, t = self._scale_shift(i, u)
+            u = u * s.exp() + t
+        return u
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u = f^-1(z) [N, d], log |det df^-1/dz| [N]) for z [N, d]."""
+        log_det = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        for i in reversed(range(len(self.nets))):
+            s, t = self._scale_shift(i, z)
+            z = (z - t) * torch.exp(-s)
+            log_det = log_det - s.sum(-1)
+        return z, log_det
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[n, d]: n component draws by weight (torch.multinomial), then n normal draws (torch.randn)."""
-        comp = torch.multinomial(torch.softmax(self.logits.float(), 0), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.means.shape[1], generator=generator, device=self.means.device)
-        return self.means[comp] + self.log_scales[comp].exp() * eps
+        """[n, d]: one torch.randn draw u, then z = f(u)."""
+        return self(torch.randn(n, self.masks.shape[1], generator=generator, device=self.masks.device))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(z) in nats, fp32: [..., d] -> [...]."""
-        diff = (z.float().unsqueeze(-2) - self.means) * torch.exp(-self.log_scales)  # [..., M, d]
-        log_n = -0.5 * (diff.pow(2) + LOG_2PI).sum(-1) - self.log_scales.sum(-1)  # [..., M]
-        return torch.logsumexp(log_n + torch.log_softmax(self.logits, 0), dim=-1)
+        """log p(z) in nats, fp32 (autocast off: a density needs full precision): [..., d] -> [...]."""
+        with torch.autocast(z.device.type, enabled=False):
+            u, log_det = self.inverse(z.float().reshape(-1, z.shape[-1]))
+            return ((-0.5 * (u.pow(2) + LOG_2PI)).sum(-1) + log_det).view(z.shape[:-1])
 
 
 class GaussianMixture(nn.Module):
@@ -187,7 +215,7 @@ def with_labels(h: torch.Tensor, labels: torch.Tensor | None, num_classes: int) 
 
 
 class VAE(nn.Module):
-    """Gaussian encoder q(z|x), prior p(z) (N(0, I), or a LearnedMixture), Bernoulli decoder p(x|z);
+    """Gaussian encoder q(z|x), prior p(z) (N(0, I) or a FlowPrior), Bernoulli decoder p(x|z);
     optionally a fitted `latent_mixture` to sample z from."""
 
     def __init__(self, config: VAEConfig | None = None):
@@ -230,7 +258,8 @@ class VAE(nn.Module):
             )
             self.dec_body = nn.Identity()
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)
-        self.prior = LearnedMixture(c.learned_prior, c.latent_dim) if c.learned_prior else StandardNormal(c.latent_dim)
+        self.prior = (FlowPrior(c.flow_prior, c.latent_dim, c.hidden_dim, act) if c.flow_prior
+                      else StandardNormal(c.latent_dim))
         self.latent_mixture: GaussianMixture | None = None  # set by lib/mixture.py or a checkpoint
 
     @property
@@ -297,7 +326,7 @@ class VAE(nn.Module):
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
         # KL(q(z|x) || p(z)): in closed form for N(0, I), else its estimate from the K samples
-        kl = gaussian_kl(mu.float(), logvar.float()) if self.config.learned_prior == 0 else -log_ratio[0].mean(0)
+        kl = -log_ratio[0].mean(0) if self.config.flow_prior else gaussian_kl(mu.float(), logvar.float())
         c = log_ratio[0] + kl
         total = -(torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - beta * kl)
         parts = LossParts(total, -log_px_z[0], kl)

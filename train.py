@@ -112,7 +112,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
         run.epoch, run.step = epoch + 1, 0
         training.save(run, epoch + 1)
         print(f"epoch {epoch + 1:3d}/{args.epochs}  train {row['train_loss']:8.2f}  test {row['test_loss']:8.2f} "
-              f"(recon {row['recon']:.2f} + KL {row['kl']:.2f}{', sampled' if model.config.learned_prior else ''})  "
+              f"(recon {row['recon']:.2f} + KL {row['kl']:.2f}{', sampled' if model.config.flow_prior else ''})  "
               f"{row['seconds']:6.1f} s"
               + (f"  KL weight {row['kl_weight']:.3g}" if row["kl_weight"] != 1.0 else "")
               + (f"  IW-{args.iw_k} bound: train {train_objective:.2f} test {test_iw:.2f}" if args.iw_k > 1 else ""),

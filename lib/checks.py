@@ -23,7 +23,7 @@ FORMAT = 2
 MAX_EPOCHS = 1_000_000
 # Far above any useful MNIST model: a config that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
-            "num_classes": 1000, "channels": 4096, "res_blocks": 64, "learned_prior": 10000}
+            "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
@@ -57,7 +57,7 @@ def check_config(config, choices: dict) -> None:
         if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in [n for n in MAX_SIZE if n != "channels"]:
-        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "learned_prior") else 1
+        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "flow_prior") else 1
         if not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
     ch = config.channels
@@ -68,6 +68,9 @@ def check_config(config, choices: dict) -> None:
         raise UserError(f"res_blocks needs the conv arch, got {config.res_blocks} with arch 'mlp'")
     if config.arch == "conv" and config.image_size % 4:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")
+    if config.flow_prior and config.latent_dim < 2:
+        raise UserError(f"flow_prior needs latent_dim >= 2 (a coupling layer keeps half the dimensions), "
+                        f"got {config.latent_dim}")
 
 
 def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
@@ -281,7 +284,11 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
-    config = ckpt["model_config"]
+    # Files of this format may lack flow_prior (then 0), or hold learned_prior, a prior this code does not have.
+    config = {"flow_prior": 0, **ckpt["model_config"]}
+    learned_mixture = config.pop("learned_prior", 0)
+    if not is_int(learned_mixture) or learned_mixture:
+        raise UserError(f"{path}: a model with a learned mixture prior, which this code does not have")
     expected = {f.name for f in fields(config_class)}
     if set(config) != expected:
         raise UserError(f"{path}: bad model config: expected the keys {', '.join(sorted(expected))}")

@@ -74,9 +74,9 @@ TRAIN_FLAGS = (
                                help="residual blocks at each conv resolution, encoder and decoder "
                                     "(default: 1 with the conv arch, 0 with mlp)")),
     ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
-    ("--learned-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["learned_prior"]), default=0,
-                                  help="p(z): a mixture of this many diagonal Gaussians trained with the model "
-                                       "(its KL then sampled); 0: N(0, I)")),
+    ("--flow-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["flow_prior"]), default=0,
+                               help="p(z): N(0, I) through this many affine coupling layers (RealNVP) trained "
+                                    "with the model (its KL then sampled); 0: N(0, I)")),
     ("--conditional", RUN, dict(action="store_true", help="conditional VAE: the digit label enters encoder and decoder")),
     ("--binarize", RUN, dict(action="store_true",
                              help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
@@ -94,7 +94,7 @@ TRAIN_FLAGS = (
                                             "to the training images' posterior means (per digit with "
                                             "--conditional), which samples then come from; 0: none (default: "
                                             f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
-                                            "--learned-prior)")),
+                                            "--flow-prior)")),
     ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
                           help="use only the first N training and N test images (quick runs)")),
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256,
@@ -115,7 +115,7 @@ RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if 
 # each flag's value when not given (argparse's: False for a switch, else `default`)
 DEFAULTS = {flag[2:].replace("-", "_"): kw.get("default", False if kw.get("action") == "store_true" else None)
             for flag, _, kw in TRAIN_FLAGS}
-MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "learned_prior")
+MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "flow_prior")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -158,7 +158,7 @@ def check_flags(args) -> VAEConfig:
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,
-                         num_classes=NUM_CLASSES if args.conditional else 0, learned_prior=args.learned_prior)
+                         num_classes=NUM_CLASSES if args.conditional else 0, flow_prior=args.flow_prior)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None

@@ -55,7 +55,7 @@ def negative_elbo(model: VAE, data: TensorDataset, batch_size: int, seed: int, b
 def importance_nll(model: VAE, data: TensorDataset, k: int, chunk: int, batch_size: int, seed: int,
                    priors=(None,)) -> list[float]:
     """Mean of -log p(x) over `data` in nats per image, K importance samples per image, under each
-    of `priors` (None: the model's N(0, I)), all from one set of samples (one decoder pass)."""
+    of `priors` (None: the model's own), all from one set of samples (one decoder pass)."""
     gen = torch.Generator(device=data.images.device).manual_seed(seed)
     total = torch.zeros(len(priors), dtype=torch.float64, device=data.images.device)
     bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)

@@ -154,7 +154,7 @@ def mixture_components(args, num_classes: int) -> int:
     """--mixture-components, or its default: none for a learned prior (samples come from it)."""
     if args.mixture_components is not None:
         return args.mixture_components
-    return 0 if args.learned_prior else default_components(num_classes)
+    return 0 if args.flow_prior else default_components(num_classes)
 
 
 def learning_rate(args, progress: float) -> float:

@@ -71,7 +71,8 @@ def test_config_round_trip_and_validation():
     c = VAEConfig(**SMALL, num_classes=10, activation="silu")
     assert VAEConfig(**c.to_dict()) == c
     for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh"),
-                dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1)):
+                dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1), dict(flow_prior=-1),
+                dict(latent_dim=1, flow_prior=2)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
     with pytest.raises(TypeError, match="extra"):

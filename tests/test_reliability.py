@@ -518,8 +518,8 @@ def variants(c):
                 continue  # None is valid: no mixture, no average (--ema 0)
             lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
-    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks"):
-        for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks") else 7, 10**17]:
+    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks", "flow_prior"):
+        for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks", "flow_prior") else 7, 10**17]:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
     for key in ("arch", "activation"):
         for v in STR_BAD:
@@ -527,6 +527,8 @@ def variants(c):
     for v in [[4], ["4", "8"], "x", [0, 8], None, [10**9, 8]]:
         yield f"model_config.channels={v!r}", put(("model_config", "channels"), v), ALL
     yield "model_config.extra", put(("model_config", "extra"), 1), ALL
+    for v in (3, torch.zeros(3), "0"):  # a learned mixture prior, which this code does not have
+        yield f"model_config.learned_prior={v!r}", put(("model_config", "learned_prior"), v), ALL
     name = next(iter(c["model"]))
     shape = c["model"][name].shape
     for v in (torch.zeros(3), torch.zeros(shape, dtype=torch.int64), torch.full(shape, float("nan")), "x"):
@@ -591,6 +593,18 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
                 assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
             seen += 1
     assert seen > 300, seen
+
+
+def test_a_model_config_without_flow_prior_or_with_learned_prior_0_loads_and_resumes(good, tmp_path):
+    """Files of this format may lack flow_prior or hold learned_prior = 0: both mean N(0, I), and
+    such a file loads and resumes (learned_prior > 0 is refused in one line: the cases above)."""
+    c = torch.load(good, weights_only=True)
+    del c["model_config"]["flow_prior"]
+    c["model_config"]["learned_prior"] = 0
+    ckpt = tmp_path / "vae.pt"
+    torch.save(c, ckpt)
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
+    assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", "2"]) == 0
 
 
 def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):

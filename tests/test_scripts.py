@@ -272,12 +272,12 @@ def test_benchmark_runs_and_reports_every_pipeline():
 
 
 def test_a_learned_prior_is_what_samples_and_the_likelihood_use(tmp_path, capsys):
-    """--learned-prior: no mixture is fitted after training (samples come from the learned prior),
+    """--flow-prior: no mixture is fitted after training (samples come from the learned prior),
     evaluate.py scores the model under its own prior and says so, generate.py writes both grids."""
-    ckpt = tmp_path / "lp.pt"
-    assert train.main([*TINY, "--epochs", "1", "--learned-prior", "3", "--checkpoint", str(ckpt)]) == 0
+    ckpt = tmp_path / "flow.pt"
+    assert train.main([*TINY, "--epochs", "1", "--flow-prior", "2", "--checkpoint", str(ckpt)]) == 0
     assert "KL" in capsys.readouterr().out and load_checkpoint(ckpt)["latent_mixture"] is None
     assert evaluate.main(["--checkpoint", str(ckpt), "--k", "5", "--limit", "20"]) == 0
-    assert "prior a learned 3-component mixture" in capsys.readouterr().out
+    assert "prior a learned flow (L = 2 coupling layers)" in capsys.readouterr().out
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
     assert (tmp_path / "img" / "samples.png").exists() and (tmp_path / "img" / "samples_prior.png").exists()
