@@ -5,12 +5,11 @@
     python evaluate.py --checkpoint PATH --sample-quality         # Fréchet distance and more
     python evaluate.py --checkpoint PATH --prior-components 50    # also with a fitted prior
 
-The NLL is VAE.log_likelihood's bound (Burda et al. 2015, eq. 8), on the test set binarized as in
-training when the checkpoint was trained with --binarize. --prior-components M also scores the same
-decoder under an M-component mixture fitted to one posterior sample of each training image, from
-the same samples: the gap to the model's own prior is the part of the NLL that comes from that
-prior not matching the aggregate posterior (Hoffman & Johnson 2016; Dai & Wipf 2019).
---sample-quality scores samples instead (lib/evaluation.py says what each figure means).
+The NLL is VAE.log_likelihood's bound (Burda et al. 2015, eq. 8) on the test set, binarized when the
+checkpoint was trained with --binarize. --prior-components M also scores the same decoder, from the same
+samples, under an M-component mixture fitted to one posterior sample of each training image: the gap to the
+model's own prior is the NLL cost of that prior's mismatch with the aggregate posterior (Hoffman & Johnson
+2016; Dai & Wipf 2019). --sample-quality scores samples instead (lib/evaluation.py says what each figure means).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ def build_parser() -> cli.Parser:
     cli.add_common(p, seed_help="seeds the samples")
     p.add_argument("--k", type=cli.Number(int, 1, 1_000_000), default=1000,
                    help="importance samples per image (5000 is the IWAE paper's protocol)")
-    # 10 x 100 images keeps each decoder activation under glibc's 32 MiB mmap threshold
-    # (cli.keep_freed_memory): larger passes page-fault their memory back in every time.
+    # 10 x 100 images keep each decoder activation under glibc's 32 MiB mmap threshold (cli.keep_freed_memory).
     p.add_argument("--chunk", type=cli.POSITIVE_INT, default=10,
                    help="samples decoded at once per image (bounds memory; chunk x batch size decodes per pass)")
     p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=100, help="test images at once")
@@ -93,8 +91,7 @@ def main(argv=None) -> int:
         fit_seconds = time.perf_counter() - t0
         del train
     elbo = negative_elbo(model, test, args.batch_size, args.seed)
-    # One pass of the decoder scores every prior: the model's own figure is the same with or without
-    # --prior-components (same seed, same samples).
+    # One decoder pass scores all priors from the same samples: the model's own NLL is unchanged by --prior-components.
     nll, *nll_prior = importance_nll(model, test, args.k, args.chunk, args.batch_size, args.seed, priors)
     result = {
         "checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "k": args.k, "images": len(test),

@@ -3,11 +3,10 @@
     python generate.py                         # after python train.py
     python generate.py --digit 7               # a conditional checkpoint: a grid of 7s
 
-The model is rebuilt from the checkpoint alone; same seed, same images. GRIDS: test digits above
-their reconstructions; samples from the latent mixture (else the prior) and from the prior, a row
-per digit if conditional; interpolations between posterior means; a traversal of each active
-latent dimension over [-3, 3]; for a 2-d latent the manifold (decoder means over a grid of z
-through the Gaussian inverse CDF, Kingma & Welling 2014, fig. 4).
+The model is rebuilt from the checkpoint alone; same seed, same images. GRIDS: test digits above their
+reconstructions; samples from the latent mixture (else the prior) and from the prior, a row per digit if
+conditional; interpolations between posterior means; a traversal of each active latent dimension over [-3, 3];
+for a 2-d latent the manifold, decoder means on a normal inverse-CDF grid of z (Kingma & Welling 2014, fig. 4).
 """
 
 from __future__ import annotations
@@ -84,8 +83,7 @@ def main(argv=None) -> int:
         zl = None if y is None else y[:INTERP_PAIRS].repeat_interleave(INTERP_STEPS)
         grids["interpolation"] = torch.sigmoid(model.decode(z, zl)), INTERP_STEPS
 
-        # Traversal: dimensions ordered by their mean KL over the test set; inactive ones (KL ~ 0)
-        # decode to the same digit all along, so they are left out.
+        # Traversal, by mean test-set KL: inactive dimensions (KL ~ 0) decode one digit all along, so are left out.
         order, active = active_dimensions(model, test)
         rows, steps = order[:max(1, min(active, MAX_TRAVERSED))], TRAVERSE.to(device)
         z = mu[:1].repeat(len(rows) * len(steps), 1).view(len(rows), len(steps), -1)

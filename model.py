@@ -5,14 +5,13 @@
     p(x|z) = prod_i Bernoulli(x_i; sigmoid(f(z)_i))        decoder logits f(z)
     L_K(x) = E[log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x)   Burda et al. (2015), eq. 8
 
-L_1 is the ELBO (Kingma & Welling 2014, eq. 3); L_K tightens towards log p(x) as K grows.
-`VAE.loss` is the training objective -L_K, `VAE.log_likelihood` the importance-sampled log p(x)
-under any prior. Samples come from the prior or from a `GaussianMixture` fitted to the posterior
-means after training (Ghosh et al. 2020, sec. 4). Every size lives in `VAEConfig`; no argparse,
-no file I/O (lib/checks.py reads checkpoints and checks the API's arguments). `python model.py`
-prints the shapes. Papers: Kingma & Welling, arXiv:1312.6114; Burda, Grosse & Salakhutdinov,
-arXiv:1509.00519; He et al. (ResBlock), arXiv:1512.03385; Ghosh et al., arXiv:1903.12436;
-Dinh et al. (RealNVP), arXiv:1605.08803; Xu et al., arXiv:1903.01240.
+L_1 is the ELBO (Kingma & Welling 2014, eq. 3); L_K tightens towards log p(x) as K grows. `VAE.loss` is
+the training objective -L_K, `VAE.log_likelihood` the importance-sampled log p(x) under any prior. Samples
+come from the prior or from a `GaussianMixture` fitted to the posterior means after training (Ghosh et al.
+2020, sec. 4). Every size lives in `VAEConfig`; no argparse, no file I/O (lib/checks.py reads checkpoints
+and checks the API's arguments). `python model.py` prints the shapes. Papers: Kingma & Welling,
+arXiv:1312.6114; Burda, Grosse & Salakhutdinov, arXiv:1509.00519; He et al. (ResBlock), arXiv:1512.03385;
+Ghosh et al., arXiv:1903.12436; Dinh et al. (RealNVP), arXiv:1605.08803; Xu et al., arXiv:1903.01240.
 """
 
 from __future__ import annotations
@@ -115,13 +114,12 @@ class StandardNormal(nn.Module):
 
 
 class FlowPrior(nn.Module):
-    """p(z): N(0, I) pushed through L affine coupling layers, z = f(u) = f_L(...f_1(u)), trained with
-    the encoder and decoder (RealNVP, Dinh et al. 2017; the prior of a VAE with one stochastic layer
-    in Xu et al. 2019). Layer i keeps the even or the odd dimensions (alternately) and moves the
-    others: y = x * exp(s) + t, (s, t) = net_i(kept x), s bounded by tanh. By the change of variables
-    log p(z) = log N(u; 0, I) + log |det df^-1/dz|, u = f^-1(z), the log-determinant being minus the
-    sum of s over layers and dimensions. The last layer of each net starts at zero: training starts
-    at N(0, I). Its nets are `hidden_dim` wide."""
+    """p(z): N(0, I) pushed through L affine coupling layers, z = f(u) = f_L(...f_1(u)), trained with the
+    model (RealNVP, Dinh et al. 2017; the prior of a one-stochastic-layer VAE in Xu et al. 2019). Layer i
+    keeps the even or the odd dimensions (alternately) and moves the others: y = x * exp(s) + t,
+    (s, t) = net_i(kept x), a `hidden_dim`-wide MLP, s bounded by tanh. log p(z) = log N(u; 0, I) +
+    log |det df^-1/dz|, u = f^-1(z) (change of variables), the log-det being minus the sum of s over
+    layers and dimensions. Each net's last layer starts at zero: training starts at N(0, I)."""
 
     def __init__(self, layers: int, latent_dim: int, hidden_dim: int, act: type[nn.Module]):
         super().__init__()
@@ -196,8 +194,7 @@ class GaussianMixture(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """act(x + conv(act(conv(x)))): two 3x3 convolutions that keep the shape [B, C, H, W] (He et
-    al. 2016, fig. 2)."""
+    """act(x + conv(act(conv(x)))): two 3x3 convolutions that keep the shape [B, C, H, W] (He et al. 2016, fig. 2)."""
 
     def __init__(self, channels: int, act: type[nn.Module]):
         super().__init__()
@@ -252,10 +249,8 @@ class VAE(nn.Module):
             # The pytorch/examples VAE is this with hidden_dim=400, latent_dim=20, ReLU.
             self.enc_body = nn.Flatten()
             self.enc_head = nn.Sequential(nn.Linear(c.num_pixels + k, c.hidden_dim), act())
-            self.dec_head = nn.Sequential(
-                nn.Linear(c.latent_dim + k, c.hidden_dim), act(),
-                nn.Linear(c.hidden_dim, c.num_pixels),
-            )
+            self.dec_head = nn.Sequential(nn.Linear(c.latent_dim + k, c.hidden_dim), act(),
+                                          nn.Linear(c.hidden_dim, c.num_pixels))
             self.dec_body = nn.Identity()
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)
         self.prior = (FlowPrior(c.flow_prior, c.latent_dim, c.hidden_dim, act) if c.flow_prior
@@ -275,8 +270,7 @@ class VAE(nn.Module):
     def _encode(self, x: torch.Tensor, labels: torch.Tensor | None):
         """encode's network, for inputs already checked (by the public method that takes them)."""
         h = self.enc_head(with_labels(self.enc_body(x), labels, self.config.num_classes))
-        mu, logvar = self.to_stats(h).chunk(2, dim=1)
-        return mu, logvar
+        return self.to_stats(h).chunk(2, dim=1)
 
     def decode(self, z: torch.Tensor, labels=None) -> torch.Tensor:
         """z: [B, latent_dim] -> Bernoulli logits [B, C, H, W]. labels: as for `encode`. UserError
@@ -315,17 +309,14 @@ class VAE(nn.Module):
         changes neither the bound's expectation nor its expected gradient: a control variate,
         with which K = 1 is exactly the ELBO with the analytic KL. With a learned prior the KL
         has no closed form: its K-sample estimate -mean_k(log p(z_k) - log q(z_k|x)) stands in,
-        and at beta = 1 the objective is the plain bound. beta weighs the KL (beta-VAE, KL
-        warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
-        (None: drawn with torch.randn). reduction: "mean" over images, "sum", or "none" ([B]).
-        UserError for images or labels the model cannot take, as `encode`.
-        """
+        and at beta = 1 the objective is the plain bound. beta weighs the KL (beta-VAE, KL warm-up;
+        a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim] (None: torch.randn);
+        reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or labels, as `encode`."""
         labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction)
         mu, logvar = self._encode(x, labels)
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
-        # KL(q(z|x) || p(z)): in closed form for N(0, I), else its estimate from the K samples
         kl = -log_ratio[0].mean(0) if self.config.flow_prior else gaussian_kl(mu.float(), logvar.float())
         c = log_ratio[0] + kl
         total = -(torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - beta * kl)
@@ -345,8 +336,7 @@ class VAE(nn.Module):
         `chunk` at a time (torch.randn [chunk, B, d] from `generator`), so memory stays bounded for
         any K. prior: p(z), an object with log_prob (None: the model's own), or a list of these:
         then [P, B], all from the same samples and one pass of the decoder. UserError (a
-        ValueError) for k or chunk that are not ints >= 1, and for bad images or labels.
-        """
+        ValueError) for k or chunk that are not ints >= 1, and for bad images or labels."""
         labels = check_input(self.config, x, labels, k, chunk)
         several = isinstance(prior, (list, tuple))
         priors = [self.prior if p is None else p for p in (prior if several else [prior])]
@@ -369,8 +359,7 @@ class VAE(nn.Module):
         each image's from its label's mixture, class by class in increasing order), else, or with
         prior=True, from the model's prior p(z) (N(0, I), or the learned one); all draws from
         `generator`. labels: one label for all n, or n of them (conditional models only).
-        UserError (a ValueError) for n < 1 or labels the model cannot take.
-        """
+        UserError (a ValueError) for n < 1 or labels the model cannot take."""
         labels = check_latent(self.config, None, labels, n, generator)
         labels = None if labels is None else labels.to(self.device)
         mixture = None if prior else self.latent_mixture
@@ -404,7 +393,6 @@ class VAE(nn.Module):
 
 
 if __name__ == "__main__":
-    # A forward pass of the default model on a random batch, to see the shapes.
     torch.manual_seed(0)
     vae = VAE()
     c = vae.config

@@ -3,14 +3,14 @@
     python train.py                      # defaults: the README's results
     python train.py --epochs 4 --resume  # continue checkpoints/vae.pt up to 4 epochs
 
-Each step minimises model.VAE.loss, the negative ELBO (or with --iw-k K the negative K-sample
-importance-weighted bound). Reported losses are always the true negative ELBO (beta = 1, no
-warm-up) in nats per image: the Bernoulli reconstruction NLL summed over pixels plus the
-analytic KL (Kingma & Welling 2014).
+Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K the negative K-sample importance-weighted
+bound. Reported losses are always the true negative ELBO (beta = 1, no warm-up) in nats per image: the Bernoulli
+reconstruction NLL summed over pixels plus the analytic KL (Kingma & Welling 2014).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
 def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
-    n, bs, steps = len(run.train_set), args.batch_size, run.steps
+    n, bs = len(run.train_set), args.batch_size
+    steps = math.ceil(n / bs)
     group = max(1, SAMPLES_PER_PASS // args.iw_k)  # images per forward pass: bounds the memory
     dtype = torch.bfloat16 if run.bf16 else torch.float32  # of the noise, as the encoder's output
     # --compile: the loss as one graph (the noise is drawn outside it: a Generator cannot be traced)

@@ -315,14 +315,13 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
     """What --resume reads beyond the model: the RNG states and an Adam state dict for exactly these parameters (one
     group, sane hyper-parameters; per parameter a finite step, exp_avg and exp_avg_sq of its shape).
     Optimizer.load_state_dict checks the group sizes only; anything else would fail, or mislead, at the first step."""
-    def require(ok, why: str):
+    def require(ok, why: str, name: str = "optimizer"):
         if not ok:
-            raise UserError(f"{path}: bad checkpoint field optimizer: {why}")
+            raise UserError(f"{path}: bad checkpoint field {name}: {why}")
 
     if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
         raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
-    if (ckpt["args"]["ema"] > 0) != (ckpt["ema"] is not None):
-        raise UserError(f"{path}: bad checkpoint field ema: disagrees with args['ema']")
+    require((ckpt["args"]["ema"] > 0) == (ckpt["ema"] is not None), "disagrees with args['ema']", "ema")
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])
     except (RuntimeError, TypeError, ValueError) as e:

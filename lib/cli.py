@@ -1,8 +1,7 @@
 """The command line: train.py's flag table, argument types, device choice, one-line errors.
 
-TRAIN_FLAGS is the one declaration of train.py's flags. It builds the argparse parser, and it
-re-checks the flags a checkpoint stores, with the same types and ranges: every flag marked RUN
-shapes the run's result, so it is stored in the checkpoint and restored by --resume.
+TRAIN_FLAGS, the one declaration of train.py's flags, builds the argparse parser and re-checks the flags a
+checkpoint stores with the same types and ranges: a flag marked RUN shapes the run's result, so --resume restores it.
 """
 
 from __future__ import annotations
@@ -21,14 +20,12 @@ from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_CO
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
-MAX_IW_K = 5000
 EPOCHS = 20
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
 
 class Number:
-    """An argparse type: an int or a float in [low, high], or (low, high] with low_open. `check`
-    applies the same rule to a stored value."""
+    """An argparse type: an int or float in [low, high], or (low, high] with low_open; `check` checks a stored value."""
 
     def __init__(self, kind, low, high=None, low_open=False):
         self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
@@ -83,7 +80,7 @@ TRAIN_FLAGS = (
     ("--beta", RUN, dict(type=POSITIVE_FLOAT, default=1.0, help="weight of the KL term (beta-VAE)")),
     ("--kl-warmup", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
                               help="epochs over which the KL weight ramps linearly from 0 to beta")),
-    ("--iw-k", RUN, dict(type=Number(int, 1, MAX_IW_K), default=1,
+    ("--iw-k", RUN, dict(type=Number(int, 1, 5000), default=1,
                          help="importance samples K per image: K > 1 trains on the importance-weighted "
                               "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
     ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.0,
@@ -220,8 +217,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> bool:
-    """True to train under bf16 autocast; 'auto' uses it where the device computes bf16 natively
-    (so it is a speed-up, not an emulation)."""
+    """True to train under bf16 autocast; 'auto' where the device computes bf16 natively (a speed-up, not emulation)."""
     if name == "bf16" and device.type == "mps":
         raise UserError("--precision bf16: not supported on mps (use fp32)")
     if name != "auto":

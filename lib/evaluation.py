@@ -3,10 +3,9 @@
 `negative_elbo` (the test loss train.py prints), `importance_nll` (-log p(x), Burda et al. 2015,
 eq. 8), `active_dimensions` (mean KL above ACTIVE_KL), and `sample_scores`, in the features of
 the project's MNIST classifier (`DigitClassifier`):
-- fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the
-  samples and of the test images (the FID of Heusel et al. 2017 with an MNIST network; Dowson &
-  Landau 1982); fd_prior the same for samples of the prior; fd_floor for the test images
-  against the training images.
+- fd: Fréchet distance between Gaussians fitted to the classifier's penultimate features of the samples and of
+  the test images (the FID of Heusel et al. 2017 with an MNIST network; Dowson & Landau 1982); fd_prior the same
+  for samples of the prior; fd_floor for the test images against the training images.
 - class_entropy: entropy of the predicted classes' histogram, ln 10 = 2.303 when all digits are
   equally common; digit_accuracy (conditional): samples classified as the digit asked for.
 - nn_samples, nn_test_recon, nn_test: median L2 distance (pixels in [0, 1]) to the nearest
@@ -58,15 +57,13 @@ def importance_nll(model: VAE, data: TensorDataset, k: int, chunk: int, batch_si
     of `priors` (None: the model's own), all from one set of samples (one decoder pass)."""
     gen = torch.Generator(device=data.images.device).manual_seed(seed)
     total = torch.zeros(len(priors), dtype=torch.float64, device=data.images.device)
-    bar = tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False)
-    for x, y in data.batches(batch_size):
-        ll = model.log_likelihood(x, y if model.config.num_classes else None, k=k, chunk=chunk,
-                                  generator=gen, prior=priors)
-        total += ll.double().sum(1)
-        bar.update(len(x))
-    bar.close()
+    with tqdm(total=len(data), desc=f"log p(x), K={k}", unit="img", disable=None, leave=False) as bar:
+        for x, y in data.batches(batch_size):
+            ll = model.log_likelihood(x, y if model.config.num_classes else None, k=k, chunk=chunk,
+                                      generator=gen, prior=priors)
+            total += ll.double().sum(1)
+            bar.update(len(x))
     return (-total / len(data)).tolist()
-
 
 
 @torch.inference_mode()
@@ -81,10 +78,9 @@ def active_dimensions(model: VAE, data: TensorDataset, batch_size: int = 1000) -
     return torch.argsort(kl, descending=True).to(model.device), int((kl > ACTIVE_KL).sum())
 
 
-# -- the scoring classifier: its penultimate features score generated digits. Shipped as
-# weights/mnist_classifier.pt (tools/train_classifier.py), checked by SHA-256 before use like the
-# data, so every user scores with the same network; the features are those of its last hidden
-# layer, as the Fréchet Inception Distance uses Inception's pool layer (Heusel et al. 2017).
+# -- the scoring classifier, shipped as weights/mnist_classifier.pt (tools/train_classifier.py) and
+# checked by SHA-256 like the data, so every user scores with the same network: its penultimate
+# features score generated digits as Inception's pool layer does in the FID (Heusel et al. 2017).
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
                                "mnist_classifier.pt")
@@ -187,7 +183,7 @@ def nearest_distance(queries: torch.Tensor, reference: torch.Tensor, chunk: int 
 
 @torch.inference_mode()
 def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorDataset, test_set: TensorDataset,
-          n: int = 10_000, seed: int = 0, batch_size: int = 500) -> dict:
+                  n: int = 10_000, seed: int = 0, batch_size: int = 500) -> dict:
     """Every score of the module docstring for a VAE (model.VAE); test and training images are
     the grey-level ones. Samples are drawn with a generator seeded by `seed`."""
     device = model.device
@@ -212,7 +208,7 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
     f_train, _ = classify(classifier, train_set.images)
     f_s, pred_s = classify(classifier, samples)
     f_p, _ = classify(classifier, prior_samples)
-    result = {
+    return {
         "fd": frechet_distance(f_s, f_test),
         "fd_prior": frechet_distance(f_p, f_test),
         "class_entropy": class_entropy(pred_s, classifier.head.out_features),
@@ -226,4 +222,3 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
         "samples": n,
         "max_class_entropy": math.log(classifier.head.out_features),
     }
-    return result

@@ -91,14 +91,12 @@ def write_atomic(path, write) -> None:
 
 
 def save_atomic(obj, path) -> None:
-    """torch.save `obj` to `path` through write_atomic."""
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temp_files(path) -> list[str]:
-    """Delete the temp files that an earlier write_atomic of `path` left when its process was killed: only names it
-    makes (<name>.<pid>.<16 hex>.tmp), only of processes no longer alive. Call it under the file's Lock; returns
-    what it removed."""
+    """Delete the temp files an earlier write_atomic of `path` left when its process was killed: only names it makes
+    (<name>.<pid>.<16 hex>.tmp) of processes no longer alive. Call it under the file's Lock; returns what it removed."""
     target = os.path.realpath(os.fspath(path))
     folder, removed = os.path.dirname(target), []
     pattern = re.compile(re.escape(os.path.basename(target)) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))

@@ -1,10 +1,9 @@
 """A full-covariance Gaussian mixture fitted by EM in the latent space, where the data lie.
 
-Samples from N(0, I) often land in the holes of the aggregate posterior and decode to blurred
-digits; sampling z from a mixture fitted to the training images' posterior means instead is
-"ex-post density estimation" (Ghosh et al. 2020, sec. 4), one mixture per digit for a conditional
-model. Fitted to one posterior sample per image, it is a prior p(z) for the likelihood
-(`evaluate.py --prior-components`; Dai & Wipf 2019). The mixture itself is model.GaussianMixture.
+Samples from N(0, I) often land in holes of the aggregate posterior and decode to blurred digits; sampling z
+from a mixture (model.GaussianMixture) fitted to the training images' posterior means instead is "ex-post
+density estimation" (Ghosh et al. 2020, sec. 4), one per digit for a conditional model. Fitted to one posterior
+sample per image, it is a prior p(z) for the likelihood (`evaluate.py --prior-components`; Dai & Wipf 2019).
 """
 
 from __future__ import annotations
@@ -42,18 +41,16 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
         ridge: float = RIDGE, tol: float = 1e-4, history: list | None = None):
     """EM for a full-covariance Gaussian mixture on points x [N, d] (Bishop 2006, sec. 9.2.2).
 
-    Any N >= 1 points fit: the number of components is at most the number of distinct points
-    (one point, or repeated ones, give one component), and `ridge` times the points' mean
-    variance (MIN_VARIANCE if they have none) is added to each covariance's diagonal, so every
-    covariance is positive definite, even with fewer points than dimensions or a dimension of
-    zero variance. Deterministic for a seed on the CPU: the means start at points chosen by
-    greedy k-means++ seeding (Arthur & Vassilvitskii 2007), refined by 10 k-means steps whose
-    clusters give the first weights and covariances. float64, on data centred at their mean, in
-    blocks of CHUNK points. Stops after `iterations` EM steps, or sooner when the mean
-    log-likelihood per point gains less than `tol` nats; `history` receives that mean at every
-    E-step (it never decreases: a test checks).
-    Returns (weights [M], means [M, d], scale_tril [M, d, d]) as float32, M <= components.
-    """
+    Any N >= 1 points fit: there are at most as many components as distinct points (one point, or
+    repeated ones, give one), and `ridge` times the points' mean variance (MIN_VARIANCE if they
+    have none) is added to each covariance's diagonal, so every covariance is positive definite,
+    even with fewer points than dimensions or a dimension of zero variance. Deterministic for a
+    seed on the CPU: the means start at points chosen by greedy k-means++ seeding (Arthur &
+    Vassilvitskii 2007), refined by 10 k-means steps whose clusters give the first weights and
+    covariances. float64, on data centred at their mean, in blocks of CHUNK points. Stops after
+    `iterations` EM steps, or sooner when the mean log-likelihood per point gains less than `tol`
+    nats; `history` receives that mean at every E-step (it never decreases: a test checks).
+    Returns (weights [M], means [M, d], scale_tril [M, d, d]) as float32, M <= components."""
     assert x.dim() == 2 and len(x) >= 1 and components >= 1, (x.shape, components)
     x = x.double()
     n, d = x.shape
@@ -81,7 +78,6 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
         counts = torch.bincount(nearest, minlength=k).double()
         sums = torch.zeros_like(means).index_add_(0, nearest, x)
         means = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), means)
-    # The k-means clusters as hard responsibilities give the first weights and covariances.
     sums, _ = _weighted_sums(x, k, lambda i, xb: (F.one_hot(nearest[i:i + CHUNK], k).to(x.dtype), 0.0))
     weights, means, scale_tril = _m_step(*sums, floor)
     previous = -math.inf
@@ -106,9 +102,7 @@ def _weighted_sums(x: torch.Tensor, k: int, responsibilities):
     """Block by block, r = responsibilities(start, block) [B, k] (and a number to add up), then
     the M-step's sums: counts [k], sum of r x [k, d], sum of r x x^T [k, d, d]."""
     n, d = x.shape
-    counts = torch.zeros(k, dtype=x.dtype, device=x.device)
-    sum_x = torch.zeros(k, d, dtype=x.dtype, device=x.device)
-    sum_xx = torch.zeros(k, d * d, dtype=x.dtype, device=x.device)
+    counts, sum_x, sum_xx = x.new_zeros(k), x.new_zeros(k, d), x.new_zeros(k, d * d)
     total = 0.0
     for i in range(0, n, CHUNK):
         xb = x[i:i + CHUNK]

@@ -1,7 +1,6 @@
 """What train.py's loop calls: set-up (new or resumed), the schedule, saving, signals, the latent
 mixture. Everything that decides a run's numbers is a pure function of the seed and the progress
-(epoch + step / steps) or is stored in the checkpoint, so a resumed run replays the one that never
-stopped."""
+(epoch + step / steps) or is stored in the checkpoint, so a resumed run replays an unbroken one."""
 
 from __future__ import annotations
 
@@ -51,13 +50,8 @@ class Run:
 
     @property
     def evaluated(self) -> VAE:
-        """The weights the test loss, the latent mixture, samples and a loaded model use: the
-        average (--ema) where the run keeps one, else the trained weights."""
+        """What the test loss, the latent mixture, samples and a loaded model use: `ema` where kept, else `model`."""
         return self.ema or self.model
-
-    @property
-    def steps(self) -> int:
-        return math.ceil(len(self.train_set) / self.args.batch_size)
 
 
 def metrics_path(checkpoint: str) -> str:

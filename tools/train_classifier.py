@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib import cli  # noqa: E402
 from lib.evaluation import DEFAULT_WEIGHTS, DigitClassifier, sha256_of  # noqa: E402
-from lib.data import TensorDataset, load_test_set, to_unit  # noqa: E402
+from lib.data import TensorDataset, load_test_set  # noqa: E402
 from lib.files import check_output_path, save_atomic  # noqa: E402
 from lib.training import epoch_permutation  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             g["lr"] = args.lr * 0.5 ** epoch
         for i in tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{args.epochs}", disable=None, leave=False):
             x, y = train_set.batch(perm[i:i + bs])
-            loss = F.cross_entropy(model(to_unit(x)), y)
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
