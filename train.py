@@ -5,7 +5,7 @@
 
 Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K the negative K-sample importance-weighted
 bound. Reported losses are always the true negative ELBO (beta = 1, no warm-up) in nats per image: the Bernoulli
-reconstruction NLL summed over pixels plus the analytic KL (Kingma & Welling 2014).
+reconstruction NLL summed over pixels plus the KL (Kingma & Welling 2014), sampled with --flow-prior.
 """
 
 from __future__ import annotations
