@@ -124,6 +124,7 @@ class FlowPrior(nn.Module):
     def __init__(self, layers: int, latent_dim: int, hidden_dim: int, act: type[nn.Module]):
         super().__init__()
         d = latent_dim
+        self.base = StandardNormal(d)  # the density of u
         self.register_buffer("masks", torch.stack([(torch.arange(d) + i) % 2 == 0 for i in range(layers)]).float(),
                              persistent=False)  # [L, d], 1: kept
         self.nets = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden_dim), act(), nn.Linear(hidden_dim, hidden_dim),
@@ -156,13 +157,13 @@ class FlowPrior(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """[n, d]: one torch.randn draw u, then z = f(u)."""
-        return self(torch.randn(n, self.masks.shape[1], generator=generator, device=self.masks.device))
+        return self(self.base.sample(n, generator))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z) in nats, fp32 (autocast off: a density needs full precision): [..., d] -> [...]."""
         with torch.autocast(z.device.type, enabled=False):
             u, log_det = self.inverse(z.float().reshape(-1, z.shape[-1]))
-            return ((-0.5 * (u.pow(2) + LOG_2PI)).sum(-1) + log_det).view(z.shape[:-1])
+            return (self.base.log_prob(u) + log_det).view(z.shape[:-1])
 
 
 class GaussianMixture(nn.Module):

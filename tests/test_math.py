@@ -166,6 +166,11 @@ def test_prior_density_normalises_and_matches_its_samples(prior):
     assert torch.allclose(hist.double(), expected, atol=3e-3)
 
 
+def grid_2d(side: torch.Tensor) -> torch.Tensor:
+    """Every point (a, b) with a and b in `side`: [len(side) ** 2, 2], b varying fastest."""
+    return torch.stack(torch.meshgrid(side, side, indexing="ij"), dim=-1).view(-1, 2)
+
+
 def flow_prior(seed=0, layers=3, latent_dim=2):
     """A FlowPrior with its coupling nets away from their initial zeros (the identity map)."""
     torch.manual_seed(seed)
@@ -196,7 +201,7 @@ def test_flow_prior_density_normalises_and_matches_its_samples():
     prior = flow_prior()
     step = 0.025
     centres = torch.arange(-10 + step / 2, 10, step)  # of the grid's cells, on each axis
-    grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).view(-1, 2)
+    grid = grid_2d(centres)
     with torch.no_grad():
         mass = prior.log_prob(grid).double().exp().view(len(centres), len(centres)) * step ** 2
         draws = prior.sample(200_000, torch.Generator().manual_seed(0))
@@ -224,7 +229,7 @@ def test_importance_sampling_with_a_flow_prior_matches_numerical_integration(mni
     m.eval()
     step = 0.1
     side = torch.arange(-30 + step / 2, 30, step)
-    z = torch.stack(torch.meshgrid(side, side, indexing="ij"), dim=-1).view(-1, 2)
+    z = grid_2d(side)
     log_px_z, log_pz = [], []  # at every grid point: [points, 4] (an image per column) and [points]
     with torch.no_grad():
         for zc in z.split(40_000):
