@@ -46,8 +46,7 @@ def build_parser() -> cli.Parser:
     p.add_argument("--sample-quality", action="store_true",
                    help="score samples instead of the likelihood: Fréchet distance in the shipped "
                         "classifier's features, class entropy, digit accuracy, nearest-neighbour distances")
-    p.add_argument("--samples", type=cli.Number(int, 2, 100_000), default=10_000,
-                   help="samples drawn by --sample-quality")
+    p.add_argument("--samples", type=cli.Number(int, 2, 100_000), default=10_000, help="samples --sample-quality draws")
     p.add_argument("--classifier", default=DEFAULT_WEIGHTS,
                    help="classifier weights for --sample-quality (default: the shipped weights/mnist_classifier.pt)")
     p.add_argument("--no-sha256-check", action="store_true",

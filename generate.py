@@ -35,10 +35,8 @@ def build_parser() -> cli.Parser:
     p = cli.Parser("Write reconstruction, sample and latent grids.")
     cli.add_common(p, seed_help="same seed, same images")
     p.add_argument("--out", default="generated_images", help="folder for the PNG files")
-    p.add_argument("--n", type=cli.Number(int, 1, 10000), default=64,
-                   help="number of samples (per digit for a conditional model)")
-    p.add_argument("--digit", type=cli.Number(int, 0, NUM_CLASSES - 1), default=None,
-                   help="conditional checkpoints: sample only this digit")
+    p.add_argument("--n", type=cli.Number(int, 1, 10000), default=64, help="samples (per digit if conditional)")
+    p.add_argument("--digit", type=cli.Number(int, 0, NUM_CLASSES - 1), default=None, help="conditional: only this digit")
     return p
 
 
@@ -97,7 +95,7 @@ def main(argv=None) -> int:
             u = torch.linspace(0.05, 0.95, MANIFOLD_SIDE, device=device)
             g = torch.distributions.Normal(0.0, 1.0).icdf(u)
             z = torch.stack(torch.meshgrid(g.flip(0), g, indexing="ij"), dim=-1).view(-1, 2)[:, [1, 0]]
-            z = model.prior(z) if model.config.flow_prior else z  # equal prior mass per cell
+            z = model.prior(z)  # the noise grid mapped to z: equal prior mass per cell
             zl = None if not k else torch.full((len(z),), args.digit, device=device)
             grids["manifold"] = torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE
 

@@ -104,6 +104,10 @@ class StandardNormal(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(latent_dim), persistent=False)  # only its device is used
 
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """z = u: noise to z, as FlowPrior.forward (the flow with no layers)."""
+        return u
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """[n, d], one torch.randn draw."""
         return torch.randn(n, self.mean.shape[0], generator=generator, device=self.mean.device)

@@ -10,7 +10,6 @@ reconstruction NLL summed over pixels plus the KL (Kingma & Welling 2014), sampl
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -53,7 +52,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
     n, bs = len(run.train_set), args.batch_size
-    steps = math.ceil(n / bs)
+    steps = training.steps_per_epoch(args, run.train_set)
     group = max(1, SAMPLES_PER_PASS // args.iw_k)  # images per forward pass: bounds the memory
     dtype = torch.bfloat16 if run.bf16 else torch.float32  # of the noise, as the encoder's output
     # --compile: the loss as one graph (the noise is drawn outside it: a Generator cannot be traced)

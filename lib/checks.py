@@ -69,8 +69,7 @@ def check_config(config, choices: dict) -> None:
     if config.arch == "conv" and config.image_size % 4:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")
     if config.flow_prior and config.latent_dim < 2:
-        raise UserError(f"flow_prior needs latent_dim >= 2 (a coupling layer keeps half the dimensions), "
-                        f"got {config.latent_dim}")
+        raise UserError(f"flow_prior needs latent_dim >= 2 (a coupling layer keeps half of z), got {config.latent_dim}")
 
 
 def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:

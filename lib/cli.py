@@ -92,10 +92,8 @@ TRAIN_FLAGS = (
                                             "--conditional), which samples then come from; 0: none (default: "
                                             f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
                                             "--flow-prior)")),
-    ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
-                          help="use only the first N training and N test images (quick runs)")),
-    ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256,
-                                    help="images per step when evaluating the test set")),
+    ("--limit", RUN, dict(type=POSITIVE_INT, default=None, help="use only the first N training and N test images")),
+    ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256, help="images per test-loss step")),
     ("--precision", RUN, dict(choices=("auto", "fp32", "bf16"), default="auto",
                               help="arithmetic of training and its per-epoch test loss; auto = bf16 autocast "
                                    "where the CPU or GPU has native bf16, else fp32 (evaluate.py is always fp32)")),
@@ -105,8 +103,7 @@ TRAIN_FLAGS = (
     ("--device", GIVEN, dict(default="auto", choices=("auto", "cpu", "cuda", "mps"),
                              help="auto picks cuda, then mps, then cpu")),
     ("--data-dir", GIVEN, dict(default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (default: dataset/)")),
-    ("--compile", GIVEN, dict(action="store_true",
-                              help="torch.compile the objective (about 30 s of start-up on a 2-core CPU)")),
+    ("--compile", GIVEN, dict(action="store_true", help="torch.compile the objective (~30 s of start-up on 2 cores)")),
 )
 RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
 # each flag's value when not given (argparse's: False for a switch, else `default`)

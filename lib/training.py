@@ -54,6 +54,11 @@ class Run:
         return self.ema or self.model
 
 
+def steps_per_epoch(args, train_set) -> int:
+    """Batches in an epoch, the last one short: the loop's count and the bound on a resumed step."""
+    return math.ceil(len(train_set) / args.batch_size)
+
+
 def metrics_path(checkpoint: str) -> str:
     """The CSV beside a checkpoint, named from the whole file name: no two checkpoints share one."""
     return checkpoint + ".metrics.csv"
@@ -90,7 +95,7 @@ def setup(args):
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
-    steps = math.ceil(len(train_set) / args.batch_size)
+    steps = steps_per_epoch(args, train_set)
     if ckpt is not None and ckpt["step"] >= steps:
         raise UserError(f"{path}: bad checkpoint field step: {ckpt['step']}, but an epoch has {steps} steps")
     bf16 = cli.pick_precision(args.precision, device)
