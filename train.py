@@ -39,8 +39,8 @@ def main(argv=None) -> int:
             training.fit_latent_mixture(run)
     except training.Interrupted as e:
         if run is None:
-            return training.report(e.signum, "before training started", "nothing was written")
-        return training.report(e.signum, "while fitting the latent mixture",
+            return training.report(e.args[0], "before training started", "nothing was written")
+        return training.report(e.args[0], "while fitting the latent mixture",
                                f"{args.checkpoint} holds the trained model without it; "
                                + training.resume_hint(args) + " (fits it)")
     print(f"done: test loss {run.metrics[-1]['test_loss']:.2f} nats/image (negative ELBO, beta = 1); "

@@ -144,8 +144,7 @@ def restore_flags(args, stored: dict) -> None:
     for name in cli.RUN_FLAGS:
         given = getattr(args, name)
         if given != cli.DEFAULTS[name] and given != stored[name]:
-            print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run "
-                  f"({stored[name]})")
+            print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run ({stored[name]})")
         setattr(args, name, stored[name])
 
 
@@ -235,11 +234,8 @@ def fit_latent_mixture(run: Run) -> None:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the step loop (BaseException: no `except Exception` swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGINT or SIGTERM outside the step loop, its number in args[0] (a BaseException: no `except Exception`
+    swallows it)."""
 
 
 class Signals:
