@@ -43,7 +43,6 @@ class VAEConfig:
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
     activation: str = "silu"  # "silu", "relu" or "elu"
     flow_prior: int = 0  # > 0: p(z) is N(0, I) through this many affine coupling layers trained with the model
-    zero_init_residual: bool = False  # each residual branch's last conv starts at zero
 
     def __post_init__(self) -> None:
         if self.res_blocks is None:
@@ -202,13 +201,11 @@ class GaussianMixture(nn.Module):
 class ResBlock(nn.Module):
     """act(x + conv(act(conv(x)))): two 3x3 convolutions that keep the shape [B, C, H, W] (He et al. 2016, fig. 2)."""
 
-    def __init__(self, channels: int, act: type[nn.Module], zero_init: bool = False):
+    def __init__(self, channels: int, act: type[nn.Module]):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), act(),
                                   nn.Conv2d(channels, channels, 3, padding=1))
         self.act = act()
-        if zero_init:  # a block starts as act(x): Fixup's last-layer rule, arXiv:1901.09321
-            nn.init.zeros_(self.body[-1].weight), nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x + self.body(x))
@@ -235,7 +232,7 @@ class VAE(nn.Module):
             feat = c2 * s * s
 
             def blocks(ch):  # c.res_blocks residual blocks at one resolution
-                return [ResBlock(ch, act, c.zero_init_residual) for _ in range(c.res_blocks)]
+                return [ResBlock(ch, act) for _ in range(c.res_blocks)]
 
             # Stride-2 4x4 convolutions halve the resolution exactly: 28 -> 14 -> 7.
             self.enc_body = nn.Sequential(

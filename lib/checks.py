@@ -60,8 +60,6 @@ def check_config(config, choices: dict) -> None:
         v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "flow_prior") else 1
         if not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
-    if not isinstance(config.zero_init_residual, bool) or config.zero_init_residual and not config.res_blocks:
-        raise UserError(f"zero_init_residual must be a bool, True only with res_blocks >= 1; got {config.zero_init_residual!r}")
     ch = config.channels
     if not (isinstance(ch, (list, tuple)) and len(ch) == 2
             and all(is_int(c) and 1 <= c <= MAX_SIZE["channels"] for c in ch)):
@@ -285,8 +283,8 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
-    # Fields added within this format take their defaults when absent; learned_prior is a prior this code lacks.
-    config = {"flow_prior": 0, "zero_init_residual": False, **ckpt["model_config"]}
+    # Files of this format may lack flow_prior (then 0), or hold learned_prior, a prior this code does not have.
+    config = {"flow_prior": 0, **ckpt["model_config"]}
     learned_mixture = config.pop("learned_prior", 0)
     if not is_int(learned_mixture) or learned_mixture:
         raise UserError(f"{path}: a model with a learned mixture prior, which this code does not have")

@@ -74,7 +74,6 @@ TRAIN_FLAGS = (
     ("--flow-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["flow_prior"]), default=0,
                                help="p(z): N(0, I) through this many affine coupling layers (RealNVP) trained "
                                     "with the model (its KL then sampled); 0: N(0, I)")),
-    ("--zero-init-residual", RUN, dict(action="store_true", help="start each residual branch's last conv at zero")),
     ("--conditional", RUN, dict(action="store_true", help="conditional VAE: the digit label enters encoder and decoder")),
     ("--binarize", RUN, dict(action="store_true",
                              help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
@@ -110,7 +109,7 @@ RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if 
 # each flag's value when not given (argparse's: False for a switch, else `default`)
 DEFAULTS = {flag[2:].replace("-", "_"): kw.get("default", False if kw.get("action") == "store_true" else None)
             for flag, _, kw in TRAIN_FLAGS}
-MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "flow_prior", "zero_init_residual")
+MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "activation", "flow_prior")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -153,8 +152,7 @@ def check_flags(args) -> VAEConfig:
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,
-                         num_classes=NUM_CLASSES if args.conditional else 0, flow_prior=args.flow_prior,
-                         zero_init_residual=args.zero_init_residual)
+                         num_classes=NUM_CLASSES if args.conditional else 0, flow_prior=args.flow_prior)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None

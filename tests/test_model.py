@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lib.data import TensorDataset
-from model import VAE, GaussianMixture, ResBlock, VAEConfig, reparameterize
+from model import VAE, GaussianMixture, VAEConfig, reparameterize
 
 SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)
 SMALL3 = dict(SMALL, latent_dim=3)
@@ -72,8 +72,7 @@ def test_config_round_trip_and_validation():
     assert VAEConfig(**c.to_dict()) == c
     for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh"),
                 dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1), dict(flow_prior=-1),
-                dict(latent_dim=1, flow_prior=2), dict(zero_init_residual=1),
-                dict(arch="mlp", zero_init_residual=True)):
+                dict(latent_dim=1, flow_prior=2)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
     with pytest.raises(TypeError, match="extra"):
@@ -123,22 +122,6 @@ def test_res_blocks_add_two_convolutions_per_resolution_and_side():
     extra = sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 2 * 2 * (per_block[c1] + per_block[c2])  # 2 blocks, encoder + decoder
     assert deep.loss(torch.rand(3, 1, 28, 28)).total.isfinite()
-
-
-def test_zero_init_residual_starts_every_branch_at_zero_and_changes_nothing_else():
-    """Each block's second conv starts at zero, so a block maps x to act(x); every other weight is
-    the default initialisation of the same seed."""
-    torch.manual_seed(0)
-    zero = VAE(VAEConfig(**SMALL, res_blocks=2, zero_init_residual=True))
-    torch.manual_seed(0)
-    default = VAE(VAEConfig(**SMALL, res_blocks=2))
-    blocks = [m for m in zero.modules() if isinstance(m, ResBlock)]
-    assert len(blocks) == 8
-    zeroed = {id(p) for b in blocks for p in b.body[-1].parameters()}
-    for p, q in zip(zero.parameters(), default.parameters()):
-        assert not p.any() if id(p) in zeroed else torch.equal(p, q)
-    h = torch.randn(2, SMALL["channels"][0], 14, 14)
-    assert torch.equal(blocks[0](h), blocks[0].act(h))
 
 
 def hand_made_mixture(groups, d, offset=10.0):

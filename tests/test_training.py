@@ -38,8 +38,7 @@ def test_resume_matches_straight_run(tmp_path, capsys):
 NON_DEFAULT = (
     [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5", "--res-blocks", "2",
      "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
-     "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2",
-     "--zero-init-residual"],
+     "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2",
      "--mixture-components", "0", "--res-blocks", "0", "--flow-prior", "2"],
 )
