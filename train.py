@@ -51,12 +51,11 @@ def main(argv=None) -> int:
 def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
-    n, bs = len(run.train_set), args.batch_size
-    steps = training.steps_per_epoch(args, run.train_set)
+    n, bs, steps = len(run.train_set), args.batch_size, run.steps
     group = max(1, SAMPLES_PER_PASS // args.iw_k)  # images per forward pass: bounds the memory
     dtype = torch.bfloat16 if run.bf16 else torch.float32  # of the noise, as the encoder's output
-    # --compile: the loss as one graph (the noise is drawn outside it: a Generator cannot be traced)
-    loss_fn = torch.compile(model.loss) if args.compile else model.loss
+    # --compile: the objective as one graph (the noise is drawn outside it: a Generator cannot be traced)
+    loss_fn = torch.compile(training.objective) if args.compile else training.objective
     for epoch in range(run.epoch, args.epochs):
         perm = training.epoch_permutation(args.seed, epoch, n).to(device)
         stats = torch.zeros(steps, 3, device=device)  # per step: sums of recon, KL, objective
@@ -79,9 +78,8 @@ def train(run: training.Run, signals: training.Signals) -> int:
                 param_group["lr"] = training.learning_rate(args, progress)
             opt.zero_grad(set_to_none=True)
             for i in range(0, len(x), group):  # the gradients of the groups add up to the batch's
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
-                    parts = loss_fn(x[i:i + group], None if y is None else y[i:i + group], k=args.iw_k,
-                                    beta=beta, eps=eps[:, i:i + group], reduction="none")
+                parts = loss_fn(model, x[i:i + group], None if y is None else y[i:i + group], eps[:, i:i + group],
+                                beta, run.bf16)
                 (parts.total.sum() / len(x)).backward()  # the batch mean
                 stats[step] += torch.stack([parts.recon.sum(), parts.kl.sum(), parts.total.sum()]).detach()
             opt.step()

@@ -18,7 +18,7 @@ median images/second, the ratios, and the peak memory while each pipeline ran (r
 size on CPU, sampled every 5 ms; allocated device memory on a GPU) and the main process's minor
 page faults per step. The malloc tuning of train.py (cli.keep_freed_memory) is process-wide, so
 it applies to all pipelines; --malloc-defaults turns it off for all. The compiled variant
-(--compile) compiles model.loss, as train.py --compile does.
+(--compile) compiles training.objective, as train.py --compile does.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib import cli  # noqa: E402
+from lib import cli, training  # noqa: E402
 from lib.data import TensorDataset, ensure_mnist, to_unit  # noqa: E402
 from model import VAE, VAEConfig  # noqa: E402
 
@@ -87,8 +87,7 @@ def project_step(model, opt, x, noise, bf16, loss_fn):
     eps = torch.randn(1, len(x), model.config.latent_dim, generator=noise, device=x.device,
                       dtype=torch.bfloat16 if bf16 else torch.float32)
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        parts = loss_fn(x, None, eps=eps, reduction="none")
+    parts = loss_fn(model, x, None, eps, 1.0, bf16)  # training.objective, or its compiled graph
     (parts.total.sum() / len(x)).backward()
     opt.step()
 
@@ -201,7 +200,7 @@ def main(argv=None) -> int:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
         tutorial_opt = torch.optim.Adam(tutorial_model.parameters(), lr=1e-3)
         noise = torch.Generator(device=device).manual_seed(0)
-        step_fn = torch.compile(model.loss) if args.compile else model.loss
+        step_fn = torch.compile(training.objective) if args.compile else training.objective
         runs = {
             "project": lambda: project_epoch(model, opt, data, args.batch_size, noise, bf16, step_fn),
             "conventional": lambda: conventional_epoch(tutorial_model, tutorial_opt, loader, device, noise),

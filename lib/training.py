@@ -41,6 +41,7 @@ class Run:
     bf16: bool  # the objective runs under bf16 autocast
     train_set: TensorDataset
     test_set: TensorDataset
+    steps: int  # batches per epoch, the last one short
     metrics: list = field(default_factory=list)  # one dict per completed epoch
     epoch: int = 0  # completed epochs
     step: int = 0  # > 0: resumed mid-epoch after this many steps, whose sums are `partial` [step, 3]
@@ -52,11 +53,6 @@ class Run:
     def evaluated(self) -> VAE:
         """What the test loss, the latent mixture, samples and a loaded model use: `ema` where kept, else `model`."""
         return self.ema or self.model
-
-
-def steps_per_epoch(args, train_set) -> int:
-    """Batches in an epoch, the last one short: the loop's count and the bound on a resumed step."""
-    return math.ceil(len(train_set) / args.batch_size)
 
 
 def metrics_path(checkpoint: str) -> str:
@@ -95,7 +91,7 @@ def setup(args):
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
-    steps = steps_per_epoch(args, train_set)
+    steps = math.ceil(len(train_set) / args.batch_size)
     if ckpt is not None and ckpt["step"] >= steps:
         raise UserError(f"{path}: bad checkpoint field step: {ckpt['step']}, but an epoch has {steps} steps")
     bf16 = cli.pick_precision(args.precision, device)
@@ -111,7 +107,8 @@ def setup(args):
         model.latent_mixture = None  # fitted to these weights when training ends
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
         ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-        run = Run(args, model, ema, opt, torch.Generator(device=device).manual_seed(args.seed), bf16, train_set, test_set)
+        noise = torch.Generator(device=device).manual_seed(args.seed)
+        run = Run(args, model, ema, opt, noise, bf16, train_set, test_set, steps)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])  # the trained weights (load_vae gave their average)
             if ema is not None:
@@ -163,6 +160,15 @@ def learning_rate(args, progress: float) -> float:
 def kl_weight(args, progress: float) -> float:
     """Linear KL warm-up from 0 to beta over kl_warmup epochs; `progress` counts epochs done."""
     return args.beta if args.kl_warmup == 0 else args.beta * min(1.0, progress / args.kl_warmup)
+
+
+def objective(model, x, labels, eps, beta: float, bf16: bool):
+    """The training step's VAE.loss per image (LossParts of [B] tensors), K = eps.shape[0], under bf16 autocast if
+    bf16. Autocast is entered here, inside what train.py --compile compiles: around a compiled call, its backward
+    would run under autocast too, giving the parts that VAE.loss keeps in fp32 (the flow's density) bf16 gradients,
+    unlike eager (pytorch/pytorch#179804)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model.loss(x, labels, k=eps.shape[0], beta=beta, eps=eps, reduction="none")
 
 
 @torch.no_grad()

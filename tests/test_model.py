@@ -93,25 +93,6 @@ def test_default_noise_is_one_randn_draw_of_k_samples(bf16):
     assert torch.equal(own.total, given.total)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_the_objective_traces_as_one_graph(bf16, k):
-    """torch.compile (train.py --compile) sees the loss with its noise given as one graph: each
-    graph break would add a compiled-graph call to every training step."""
-    torch.manual_seed(0)
-    m = VAE(VAEConfig(**SMALL))
-    x, eps = torch.rand(4, 1, 28, 28), torch.randn(k, 4, SMALL["latent_dim"])
-    graphs = []
-
-    def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
-        graphs.append(gm)
-        return gm.forward
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fullgraph=True raises at a break
-        torch.compile(m.loss, backend=count_graphs, fullgraph=True)(x, k=k, eps=eps, reduction="none")
-    assert len(graphs) == 1
-
-
 def test_res_blocks_add_two_convolutions_per_resolution_and_side():
     """The conv default is one block, mlp has none. Each block adds two 3x3 convolutions at each
     resolution, in encoder and decoder."""

@@ -82,7 +82,7 @@ def test_model_py_is_self_contained():
 
 def test_train_py_shows_the_loop():
     text = open(os.path.join(ROOT, "train.py")).read()
-    assert "loss_fn = torch.compile(model.loss) if args.compile else model.loss" in text
+    assert "loss_fn = torch.compile(training.objective) if args.compile else training.objective" in text
     steps = [text.index(s) for s in ("zero_grad(", "loss_fn(", ".backward(", "opt.step()", "training.save(")]
     assert steps == sorted(steps), steps
 

@@ -12,7 +12,7 @@ import train
 from conftest import ROOT, TINY, cli_error, read_csv, same_metrics
 from lib import cli, training
 from lib.checks import load_checkpoint
-from model import VAE
+from model import VAE, VAEConfig
 
 def test_resume_matches_straight_run(tmp_path, capsys):
     """On CPU, 2 epochs then --resume to 4 gives the same weights and metrics as 4 straight."""
@@ -76,7 +76,42 @@ def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--compile",
                        "--checkpoint", str(tmp_path / "c.pt")]) == 0
-    assert len(compiled) == 1 and compiled[0].__func__ is VAE.loss
+    assert compiled == [training.objective]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_objective_traces_as_one_graph(bf16, k):
+    """torch.compile (train.py --compile) sees the objective with its noise given as one graph: each
+    graph break would add a compiled-graph call to every training step."""
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=32, latent_dim=4))
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(k, 4, 4)
+    graphs = []
+
+    def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(training.objective, backend=count_graphs, fullgraph=True)(m, x, None, eps, 1.0, bf16)  # raises at a break
+    assert len(graphs) == 1
+
+
+def test_the_compiled_objective_has_the_eager_gradients_under_bf16():
+    """Compiled (backend aot_eager: the traced ops, no code generation) and eager, the objective gives
+    the same gradients to the bit under bf16 autocast, the flow prior's fp32 density included: its
+    backward must not run under autocast as a compiled backward does when autocast wraps the call."""
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=32, latent_dim=4, flow_prior=2))
+    for p in m.prior.parameters():  # off the flow's identity start, where bf16 and fp32 would agree
+        p.data.normal_(0, 0.1)
+    x, eps = torch.bernoulli(torch.rand(8, 1, 28, 28)), torch.randn(1, 8, 4, dtype=torch.bfloat16)
+    grads = []
+    for fn in (training.objective, torch.compile(training.objective, backend="aot_eager")):
+        m.zero_grad()
+        fn(m, x, None, eps, 1.0, True).total.sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_schedules_are_functions_of_the_progress():
@@ -159,7 +194,7 @@ def test_cli_logs_both_bounds(tmp_path, capsys):
 STEPS = """
 import resource, sys, torch
 from lib import cli
-from model import VAE
+from model import VAE, VAEConfig
 if sys.argv[1] == "tuned":
     cli.keep_freed_memory()
 torch.manual_seed(0)
