@@ -194,7 +194,7 @@ def test_cli_logs_both_bounds(tmp_path, capsys):
 STEPS = """
 import resource, sys, torch
 from lib import cli
-from model import VAE, VAEConfig
+from model import VAE
 if sys.argv[1] == "tuned":
     cli.keep_freed_memory()
 torch.manual_seed(0)
