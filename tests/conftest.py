@@ -13,6 +13,8 @@ sys.path.insert(0, ROOT)
 # A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
 TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
         "--batch-size", "64", "--eval-batch-size", "256"]
+SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)  # TINY's model, as VAEConfig keywords
+SMALL3 = dict(SMALL, latent_dim=3)
 
 
 def read_csv(path):

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
+from conftest import SMALL3
 from lib import mixture
 from lib.checks import check_mixture
 from lib.evaluation import frechet_distance, nearest_distance
 from model import VAE, FlowPrior, GaussianMixture, StandardNormal, VAEConfig, bernoulli_nll, gaussian_kl
-
-SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=3)
 
 
 def noise(k, b, d, seed=0):
@@ -100,7 +99,7 @@ def test_the_k1_bound_is_the_elbo_to_the_bit(mnist_subset, bf16):
     variate) equals recon + beta * KL computed directly, and so do its gradients, bit for bit."""
     x = mnist_subset[0][:32]
     torch.manual_seed(0)
-    a = VAE(VAEConfig(**SMALL))
+    a = VAE(VAEConfig(**SMALL3))
     b = copy.deepcopy(a)
     eps = noise(1, 32, 3).to(torch.bfloat16 if bf16 else torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -119,7 +118,7 @@ def test_the_k1_bound_is_the_elbo_to_the_bit(mnist_subset, bf16):
 def test_bound_tightens_with_k(mnist_subset):
     x = mnist_subset[0][:128]
     torch.manual_seed(0)
-    m = VAE(VAEConfig(**SMALL))
+    m = VAE(VAEConfig(**SMALL3))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _ in range(60):  # a few steps, so that q is not the prior
         opt.zero_grad()

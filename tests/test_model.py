@@ -3,11 +3,10 @@
 import pytest
 import torch
 
+from conftest import SMALL, SMALL3
 from lib.data import TensorDataset
 from model import VAE, GaussianMixture, VAEConfig, reparameterize
 
-SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)
-SMALL3 = dict(SMALL, latent_dim=3)
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
                                  VAEConfig(**SMALL, num_classes=10), VAEConfig(**SMALL, res_blocks=0),

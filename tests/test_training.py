@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, cli_error, read_csv, same_metrics
+from conftest import ROOT, SMALL, TINY, cli_error, read_csv, same_metrics
 from lib import cli, training
 from lib.checks import load_checkpoint
 from model import VAE, VAEConfig
@@ -85,8 +85,8 @@ def test_the_objective_traces_as_one_graph(bf16, k):
     """torch.compile (train.py --compile) sees the objective with its noise given as one graph: each
     graph break would add a compiled-graph call to every training step."""
     torch.manual_seed(0)
-    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=32, latent_dim=4))
-    x, eps = torch.rand(4, 1, 28, 28), torch.randn(k, 4, 4)
+    m = VAE(VAEConfig(**SMALL))
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(k, 4, SMALL["latent_dim"])
     graphs = []
 
     def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
@@ -102,10 +102,10 @@ def test_the_compiled_objective_has_the_eager_gradients_under_bf16():
     the same gradients to the bit under bf16 autocast, the flow prior's fp32 density included: its
     backward must not run under autocast as a compiled backward does when autocast wraps the call."""
     torch.manual_seed(0)
-    m = VAE(VAEConfig(channels=(4, 8), hidden_dim=32, latent_dim=4, flow_prior=2))
+    m = VAE(VAEConfig(**SMALL, flow_prior=2))
     for p in m.prior.parameters():  # off the flow's identity start, where bf16 and fp32 would agree
         p.data.normal_(0, 0.1)
-    x, eps = torch.bernoulli(torch.rand(8, 1, 28, 28)), torch.randn(1, 8, 4, dtype=torch.bfloat16)
+    x, eps = torch.bernoulli(torch.rand(8, 1, 28, 28)), torch.randn(1, 8, SMALL["latent_dim"], dtype=torch.bfloat16)
     grads = []
     for fn in (training.objective, torch.compile(training.objective, backend="aot_eager")):
         m.zero_grad()
