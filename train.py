@@ -4,8 +4,8 @@
     python train.py --epochs 4 --resume  # continue checkpoints/vae.pt up to 4 epochs
 
 Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K the negative K-sample importance-weighted
-bound. Reported losses are always the true negative ELBO (beta = 1, no warm-up) in nats per image: the Bernoulli
-reconstruction NLL summed over pixels plus the KL (Kingma & Welling 2014), sampled with --flow-prior.
+bound (after --iw-start epochs of the ELBO). Reported losses are the true negative ELBO (beta = 1, no warm-up) in nats
+per image: the reconstruction (Bernoulli NLL of the pixels) plus the KL (Kingma & Welling 2014; sampled: --flow-prior).
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
     n, bs, steps = len(run.train_set), args.batch_size, run.steps
-    group = max(1, SAMPLES_PER_PASS // args.iw_k)  # images per forward pass: bounds the memory
     dtype = torch.bfloat16 if run.bf16 else torch.float32  # of the noise, as the encoder's output
     # --compile: the objective as one graph (the noise is drawn outside it: a Generator cannot be traced)
     loss_fn = torch.compile(training.objective) if args.compile else training.objective
     for epoch in range(run.epoch, args.epochs):
+        k = args.iw_k if epoch >= args.iw_start else 1  # importance samples: the ELBO (K = 1) before --iw-start
+        group = max(1, SAMPLES_PER_PASS // k)  # images per forward pass: bounds the memory
         perm = training.epoch_permutation(args.seed, epoch, n).to(device)
         stats = torch.zeros(steps, 3, device=device)  # per step: sums of recon, KL, objective
         first = run.step if epoch == run.epoch else 0  # resumed mid-epoch: the sums so far
@@ -71,8 +72,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
             x = to_unit(x)
             if args.binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
                 x = torch.bernoulli(x, generator=run.noise)
-            eps = torch.randn(args.iw_k, len(x), model.config.latent_dim, generator=run.noise,
-                              device=device, dtype=dtype)
+            eps = torch.randn(k, len(x), model.config.latent_dim, generator=run.noise, device=device, dtype=dtype)
             beta = training.kl_weight(args, progress)
             for param_group in opt.param_groups:
                 param_group["lr"] = training.learning_rate(args, progress)
@@ -101,9 +101,8 @@ def train(run: training.Run, signals: training.Signals) -> int:
         row = {"epoch": epoch + 1, "train_loss": train_recon + train_kl, "train_recon": train_recon,
                "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
                "kl_weight": training.kl_weight(args, epoch + 1)}
-        if args.iw_k > 1:  # the bound the run optimises, on the test set too (fp32, seeded)
-            test_iw = importance_nll(run.evaluated, run.test_set, args.iw_k, min(args.iw_k, 100), args.eval_batch_size,
-                                     args.seed)[0]
+        if k > 1:  # the bound the run optimises, on the test set too (fp32, seeded)
+            test_iw = importance_nll(run.evaluated, run.test_set, k, min(k, 100), args.eval_batch_size, args.seed)[0]
             row.update(train_iw=train_objective, test_iw=test_iw)
         row["seconds"] = time.perf_counter() - started  # the epoch's training and evaluation
         run.metrics.append(row)
@@ -113,7 +112,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
               f"(recon {row['recon']:.2f} + KL {row['kl']:.2f}{', sampled' if model.config.flow_prior else ''})  "
               f"{row['seconds']:6.1f} s"
               + (f"  KL weight {row['kl_weight']:.3g}" if row["kl_weight"] != 1.0 else "")
-              + (f"  IW-{args.iw_k} bound: train {train_objective:.2f} test {test_iw:.2f}" if args.iw_k > 1 else ""),
+              + (f"  IW-{k} bound: train {train_objective:.2f} test {test_iw:.2f}" if k > 1 else ""),
               flush=True)
         if signals.received is not None:
             last = epoch + 1 == args.epochs

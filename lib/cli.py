@@ -83,6 +83,8 @@ TRAIN_FLAGS = (
     ("--iw-k", RUN, dict(type=Number(int, 1, 5000), default=1,
                          help="importance samples K per image: K > 1 trains on the importance-weighted "
                               "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
+    ("--iw-start", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
+                             help="epochs trained on the ELBO before the --iw-k bound takes over (an IWAE phase)")),
     ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.0,
                         help="decay (0.999, say) of an exponential moving average of the weights (Polyak "
                              "averaging) that evaluation, sampling and the saved model use; 0: off")),
@@ -146,9 +148,11 @@ def add_common(p: Parser, seed_help: str | None = None, checkpoint: bool = True)
 def check_flags(args) -> VAEConfig:
     """The rules between train.py's flags, for the command line and for stored flags alike.
     Returns the model config the flags describe; UserError names the flags."""
-    if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup):
+    if args.iw_k > 1 and (args.beta != 1.0 or args.kl_warmup > args.iw_start):
         raise UserError("--iw-k above 1 trains on the importance-weighted bound, which has no KL weight: "
-                        "leave --beta at 1 and --kl-warmup at 0")
+                        "leave --beta at 1 and end --kl-warmup by --iw-start")
+    if args.iw_start and args.iw_k == 1:
+        raise UserError("--iw-start: the epoch the --iw-k bound takes over, but --iw-k is 1 (the ELBO)")
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,

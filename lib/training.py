@@ -26,7 +26,7 @@ from model import VAE, GaussianMixture
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
                  "kl_weight", "seconds")
-IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test
+IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test (its epochs)
 
 
 @dataclass
@@ -127,8 +127,8 @@ def setup(args):
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_set):,} images, "
               f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))
         if args.iw_k > 1:
-            print(f"objective: the importance-weighted bound with K = {args.iw_k} (IWAE); train and test "
-                  "loss are the negative ELBO, the IW bound is logged beside them")
+            print(f"objective: from epoch {args.iw_start + 1}, the importance-weighted bound with K = {args.iw_k} "
+                  "(IWAE); train and test loss are the negative ELBO, the IW bound is logged beside them")
         if args.beta != 1.0 or args.kl_warmup:
             print(f"note: the objective weighs the KL by {args.beta:g}"
                   + (f", ramped from 0 over {args.kl_warmup} epochs" if args.kl_warmup else "")

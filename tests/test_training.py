@@ -39,7 +39,7 @@ NON_DEFAULT = (
     [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5", "--res-blocks", "2",
      "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
      "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2"],
-    ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2",
+    ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2", "--iw-start", "1",
      "--mixture-components", "0", "--res-blocks", "0", "--flow-prior", "2"],
 )
 
@@ -187,6 +187,24 @@ def test_cli_logs_both_bounds(tmp_path, capsys):
     assert len(read_csv(tmp_path / "iw.pt.metrics.csv")) == 3
     line = cli_error(train.main, [*TINY, "--iw-k", "4", "--beta", "2", "--checkpoint", tmp_path / "b.pt"], capsys)
     assert "--iw-k" in line and "--beta" in line
+
+
+def test_an_iwae_phase_follows_elbo_epochs(tmp_path, capsys):
+    """--iw-start E: the first E epochs are the ELBO run's to the bit, the IW bound trains (and is
+    logged) from epoch E + 1 on; a KL warm-up must end by then."""
+    elbo, iw = tmp_path / "elbo.pt", tmp_path / "iw.pt"
+    assert train.main([*TINY, "--epochs", "1", "--kl-warmup", "1", "--checkpoint", str(elbo)]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--kl-warmup", "1", "--iw-k", "4", "--iw-start", "1",
+                       "--checkpoint", str(iw)]) == 0
+    for k, v in load_checkpoint(elbo)["model"].items():
+        assert torch.equal(v, load_checkpoint(iw)["model"][k]), k
+    assert train.main(["--epochs", "2", "--checkpoint", str(iw), "--resume"]) == 0
+    assert "IW-4 bound: train" in capsys.readouterr().out
+    first, second = read_csv(tmp_path / "iw.pt.metrics.csv")
+    assert first["test_iw"] == "" and float(second["test_iw"]) < float(second["test_loss"])
+    for bad, named in ((["--iw-start", "2"], "--iw-k"),
+                       (["--iw-k", "4", "--kl-warmup", "2", "--iw-start", "1"], "--kl-warmup")):
+        assert named in cli_error(train.main, [*TINY, *bad, "--checkpoint", tmp_path / "b.pt"], capsys)
 
 
 # Training steps of the default model at batch 128 on the CPU; prints the minor page faults of
