@@ -3,9 +3,9 @@
     python train.py                      # defaults: the README's results
     python train.py --epochs 4 --resume  # continue checkpoints/vae.pt up to 4 epochs
 
-Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K the negative K-sample importance-weighted
-bound (after --iw-start epochs of the ELBO). Reported losses are the true negative ELBO (beta = 1, no warm-up) in nats
-per image: the reconstruction (Bernoulli NLL of the pixels) plus the KL (Kingma & Welling 2014; sampled: --flow-prior).
+Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K (after --iw-start ELBO epochs) the negative
+K-sample importance-weighted bound. Reported losses are the true negative ELBO (beta = 1, no warm-up) in nats per
+image: the Bernoulli reconstruction NLL plus the KL (Kingma & Welling 2014), sampled with --flow-prior.
 """
 
 from __future__ import annotations
