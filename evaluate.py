@@ -61,8 +61,7 @@ def main(argv=None) -> int:
         check_output_path(args.json, "JSON results", devices_ok=True)  # before the work, not after it
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
-    binarize = ckpt["args"]["binarize"]
-    conditional = model.config.num_classes > 0
+    binarize, conditional = ckpt["args"]["binarize"], model.config.num_classes > 0
     if args.sample_quality:
         if args.prior_components:
             raise UserError("--prior-components applies to the likelihood, not to --sample-quality")
@@ -96,14 +95,12 @@ def main(argv=None) -> int:
         "checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "k": args.k, "images": len(test),
         "protocol": "binarized" if binarize else "grey-level", "conditional": conditional,
         "nll": nll, "bits_per_dim": nll / (model.config.num_pixels * math.log(2)),
-        "neg_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
-        "seconds": time.perf_counter() - t0,
+        "neg_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"], "seconds": time.perf_counter() - t0,
     }
     own = f"a learned flow (L = {model.config.flow_prior} coupling layers)" if model.config.flow_prior else "N(0, I)"
     print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}, "
           f"prior {own} (the model's own)")
-    print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} "
-          f"(one posterior sample per image)")
+    print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} (one posterior sample)")
     if args.prior_components:
         result.update(prior_components=args.prior_components, nll_mixture_prior=nll_prior[0],
                       prior_fit_seconds=fit_seconds)
@@ -145,8 +142,7 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
          **r, "seconds": time.perf_counter() - t0}
     print(f"fd {r['fd']:.2f}  (Fréchet distance to the test images; prior samples: fd_prior "
           f"{r['fd_prior']:.2f}; test images against training images: {r['fd_floor']:.2f})")
-    print(f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} when every digit "
-          f"is equally common)")
+    print(f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} if all digits are as common)")
     if r["digit_accuracy"] is not None:
         per_digit = r["digit_accuracy_per_digit"]
         worst = min((d for d in range(len(per_digit)) if per_digit[d] is not None), key=per_digit.__getitem__)

@@ -20,7 +20,7 @@ from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_CO
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
-EPOCHS = 20
+EPOCHS = 17
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
 
@@ -57,8 +57,9 @@ TRAIN_FLAGS = (
                              help=f"total epochs to train (default: {EPOCHS}; with --resume, the stored run's)")),
     ("--batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=128, help="images per step")),
     ("--lr", RUN, dict(type=POSITIVE_FLOAT, default=3e-3, help="Adam learning rate")),
-    ("--lr-decay", RUN, dict(type=Number(float, 0.0, 1.0, low_open=True), default=0.8,
-                             help="multiply the learning rate by this every epoch (smoothly, per step)")),
+    ("--lr-decay", RUN, dict(type=Number(float, 0.0, 1.0, low_open=True), default=None,
+                             help="multiply the learning rate by this every epoch, smoothly per step (default: "
+                                  "none: a cosine decay from --lr to 0 at the last epoch)")),
     ("--seed", RUN, dict(type=SEED, default=0, help="seeds init, shuffling and noise")),
     ("--latent-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["latent_dim"]), default=D.latent_dim, help="size of z")),
     ("--arch", RUN, dict(choices=ARCHS, default=D.arch,
@@ -233,10 +234,9 @@ def pick_precision(name: str, device: torch.device) -> bool:
 
 
 def keep_freed_memory() -> None:
-    """Keep freed tensor memory in the process instead of handing it back to the kernel each step:
-    glibc serves large blocks with mmap and trims the heap on free, so every CPU step page-faulted
-    its activations back in (benchmarks/epoch_speed.py counts the faults). Blocks under 32 MiB now
-    stay in the heap, up to 256 MiB free of it. A no-op where the C library is not glibc."""
+    """Keep freed tensor memory in the process: glibc serves large blocks with mmap and trims the heap on free, so
+    every CPU step page-faulted its activations back in (benchmarks/epoch_speed.py counts the faults). Blocks under
+    32 MiB now stay in the heap, up to 256 MiB free of it. A no-op where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

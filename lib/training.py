@@ -73,13 +73,16 @@ def setup(args):
         model, ckpt = cli.load_vae(path, map_location="cpu")
         check_resumable(ckpt, path, list(model.parameters()))
         restore_flags(args, ckpt["args"])
-        args.epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS
+        args.epochs, stored_epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS, ckpt["args"]["epochs"]
         config = model.config
         mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
         if ckpt["epoch"] >= args.epochs and not mixture_missing:
             print(f"{path} already has {ckpt['epoch']} epochs; pass --epochs above {ckpt['epoch']} to train on")
             yield None
             return
+        if args.lr_decay is None and args.epochs != stored_epochs:  # the cosine ends at the last epoch
+            print(f"note: the cosine learning rate now reaches 0 at epoch {args.epochs}, not {stored_epochs}, so the "
+                  f"run differs from a straight {args.epochs}-epoch one (--lr-decay: a rate that --epochs can extend)")
     elif os.path.exists(path) and not args.overwrite:
         raise UserError(f"{path} exists: pass --resume to continue it, --overwrite to start again, "
                         "or --checkpoint for a new file")
@@ -153,8 +156,11 @@ def mixture_components(args, num_classes: int) -> int:
 
 
 def learning_rate(args, progress: float) -> float:
-    """lr * lr_decay ** progress, `progress` in epochs (fractional within an epoch): a smooth decay."""
-    return args.lr * args.lr_decay ** progress
+    """The rate after `progress` epochs (fractional within an epoch): lr * lr_decay ** progress, or without
+    --lr-decay a cosine from lr to 0 at the last epoch (Loshchilov & Hutter 2017, eq. 5, one cycle)."""
+    if args.lr_decay is not None:
+        return args.lr * args.lr_decay ** progress
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress / args.epochs))
 
 
 def kl_weight(args, progress: float) -> float:
@@ -163,10 +169,9 @@ def kl_weight(args, progress: float) -> float:
 
 
 def objective(model, x, labels, eps, beta: float, bf16: bool):
-    """The training step's VAE.loss per image (LossParts of [B] tensors), K = eps.shape[0], under bf16 autocast if
-    bf16. Autocast is entered here, inside what train.py --compile compiles: around a compiled call, its backward
-    would run under autocast too, giving the parts that VAE.loss keeps in fp32 (the flow's density) bf16 gradients,
-    unlike eager (pytorch/pytorch#179804)."""
+    """The step's VAE.loss per image (LossParts of [B] tensors), K = eps.shape[0], under bf16 autocast if bf16, entered
+    inside what --compile compiles: around a compiled call its backward would run under autocast too, giving what
+    VAE.loss keeps in fp32 (the flow's density) bf16 gradients, unlike eager (pytorch/pytorch#179804)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         return model.loss(x, labels, k=eps.shape[0], beta=beta, eps=eps, reduction="none")
 
@@ -245,10 +250,9 @@ class Interrupted(BaseException):
 
 
 class Signals:
-    """SIGINT and SIGTERM, handled the same in every phase of a run. Inside `deferred()` (the step
-    loop, the evaluation and the save of an epoch) a signal is recorded in `received` and the loop
-    stops between two steps, after saving; elsewhere (set-up, data loading, the mixture fit) it
-    raises Interrupted at once, and `report` says what is kept and how to finish."""
+    """SIGINT and SIGTERM, handled the same in every phase of a run. Inside `deferred()` (the step loop, the
+    evaluation and the save of an epoch) a signal is recorded in `received` and the loop stops between two steps,
+    after saving; elsewhere (set-up, data, the mixture fit) it raises Interrupted; `report` says what is kept."""
 
     def __init__(self):
         self.received, self._defer, self._old = None, False, {}

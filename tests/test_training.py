@@ -15,10 +15,11 @@ from lib.checks import load_checkpoint
 from model import VAE, VAEConfig
 
 def test_resume_matches_straight_run(tmp_path, capsys):
-    """On CPU, 2 epochs then --resume to 4 gives the same weights and metrics as 4 straight."""
+    """On CPU, 2 epochs then --resume to 4 gives the same weights and metrics as 4 straight, with a rate
+    (--lr-decay) that does not depend on the number of epochs."""
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    assert train.main([*TINY, "--epochs", "4", "--ema", "0.999", "--checkpoint", str(a)]) == 0
-    assert train.main([*TINY, "--epochs", "2", "--ema", "0.999", "--checkpoint", str(b)]) == 0
+    assert train.main([*TINY, "--epochs", "4", "--lr-decay", "0.8", "--ema", "0.999", "--checkpoint", str(a)]) == 0
+    assert train.main([*TINY, "--epochs", "2", "--lr-decay", "0.8", "--ema", "0.999", "--checkpoint", str(b)]) == 0
     # No model or run flags: --resume takes them from the checkpoint (and says so if they differ).
     assert train.main(["--epochs", "4", "--checkpoint", str(b), "--resume", "--lr", "0.5"]) == 0
     assert "--lr 0.5 ignored" in capsys.readouterr().out
@@ -31,6 +32,15 @@ def test_resume_matches_straight_run(tmp_path, capsys):
     # without --epochs, --resume goes to the stored run's number of epochs: this one is done
     assert train.main(["--checkpoint", str(a), "--resume"]) == 0
     assert "already has 4 epochs" in capsys.readouterr().out and load_checkpoint(a)["epoch"] == 4
+
+
+def test_extending_a_cosine_run_says_it_is_no_straight_run(tmp_path, capsys):
+    """The default rate reaches 0 at the last epoch: --resume --epochs N moves that end, and says so."""
+    c = tmp_path / "c.pt"
+    assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(c)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert train.main(["--epochs", "2", "--checkpoint", str(c), "--resume"]) == 0
+    assert "reaches 0 at epoch 2, not 1" in capsys.readouterr().out and load_checkpoint(c)["epoch"] == 2
 
 
 # Each RUN flag of the table, set to a value other than its default, in one of two runs (--iw-k
@@ -119,6 +129,9 @@ def test_schedules_are_functions_of_the_progress():
     assert training.kl_weight(SimpleNamespace(beta=1.0, kl_warmup=0), 0.0) == 1.0
     assert training.kl_weight(run, 1.0) == 0.5 and training.kl_weight(run, 10.0) == 2.0
     assert training.learning_rate(run, 0.0) == 1e-3 and training.learning_rate(run, 2.0) == 2.5e-4
+    cosine = SimpleNamespace(lr=1e-3, lr_decay=None, epochs=4)  # SGDR's eq. 5, one cycle, to 0
+    assert training.learning_rate(cosine, 0.0) == 1e-3 and training.learning_rate(cosine, 4.0) == 0.0
+    assert training.learning_rate(cosine, 2.0) == pytest.approx(5e-4) and training.learning_rate(cosine, 3.0) < 2e-4
     assert torch.equal(training.epoch_permutation(3, 1, 10), training.epoch_permutation(3, 1, 10))
 
 
