@@ -1,7 +1,7 @@
 """Train the VAE on MNIST and save one checkpoint (plus a metrics CSV beside it).
 
     python train.py                      # defaults: the README's results
-    python train.py --epochs 4 --resume  # continue checkpoints/vae.pt up to 4 epochs
+    python train.py --resume             # finish the run in checkpoints/vae.pt after an interruption
 
 Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K (after --iw-start ELBO epochs) the negative
 K-sample importance-weighted bound. Reported losses are the true negative ELBO (beta = 1, no warm-up) in nats per

@@ -24,8 +24,7 @@ from lib.data import TensorDataset, load_test_set
 from lib.mixture import default_components, fit_to_model
 from model import VAE, GaussianMixture
 
-METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
-                 "kl_weight", "seconds")
+METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
 IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test (its epochs)
 
 
@@ -80,9 +79,9 @@ def setup(args):
             print(f"{path} already has {ckpt['epoch']} epochs; pass --epochs above {ckpt['epoch']} to train on")
             yield None
             return
-        if args.lr_decay is None and args.epochs != stored_epochs:  # the cosine ends at the last epoch
-            print(f"note: the cosine learning rate now reaches 0 at epoch {args.epochs}, not {stored_epochs}, so the "
-                  f"run differs from a straight {args.epochs}-epoch one (--lr-decay: a rate that --epochs can extend)")
+        if args.lr_decay is None and stored_epochs and ckpt["epoch"] < args.epochs != stored_epochs:  # cosine's end
+            print(f"note: the cosine learning rate now reaches 0 at epoch {args.epochs}, not {stored_epochs}, so the run "
+                  f"differs from a straight {args.epochs}-epoch one (a run started with --lr-decay extends exactly)")
     elif os.path.exists(path) and not args.overwrite:
         raise UserError(f"{path} exists: pass --resume to continue it, --overwrite to start again, "
                         "or --checkpoint for a new file")
@@ -144,7 +143,8 @@ def restore_flags(args, stored: dict) -> None:
     for name in cli.RUN_FLAGS:
         given = getattr(args, name)
         if given != cli.DEFAULTS[name] and given != stored[name]:
-            print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run ({stored[name]})")
+            print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run "
+                  f"({'its default' if stored[name] is None else stored[name]})")
         setattr(args, name, stored[name])
 
 
