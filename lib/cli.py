@@ -98,8 +98,8 @@ TRAIN_FLAGS = (
     ("--limit", RUN, dict(type=POSITIVE_INT, default=None, help="use only the first N training and N test images")),
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256, help="images per test-loss step")),
     ("--precision", RUN, dict(choices=("auto", "fp32", "bf16"), default="auto",
-                              help="arithmetic of training and its per-epoch test loss; auto = bf16 autocast "
-                                   "where the CPU or GPU has native bf16, else fp32 (evaluate.py is always fp32)")),
+                              help="arithmetic of training and its test loss; auto = bf16 autocast where faster "
+                                   "(AMX, AMD's AVX-512 BF16, CUDA), else fp32 (evaluate.py: fp32)")),
     ("--checkpoint", GIVEN, dict(default=DEFAULT_CHECKPOINT, help="checkpoint file to write")),
     ("--resume", GIVEN, dict(action="store_true", help="continue the run stored in --checkpoint, with its flags")),
     ("--overwrite", GIVEN, dict(action="store_true", help="start afresh even if --checkpoint exists (its run is lost)")),
@@ -135,8 +135,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common(p: Parser, seed_help: str | None = None, checkpoint: bool = True) -> None:
-    """The flags the other scripts share with train.py: --device, --data-dir (as in TRAIN_FLAGS),
-    the --checkpoint they read, and --seed with its own help."""
+    """The other scripts' shared flags: --device and --data-dir as in TRAIN_FLAGS, the --checkpoint read, --seed."""
     for flag, _, keywords in TRAIN_FLAGS:
         if flag in ("--device", "--data-dir"):
             p.add_argument(flag, **keywords)
@@ -219,18 +218,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> bool:
-    """True to train under bf16 autocast; 'auto' where the device computes bf16 natively (a speed-up, not emulation)."""
+    """True to train under bf16 autocast; 'auto' where bf16 is the faster arithmetic."""
     if name == "bf16" and device.type == "mps":
         raise UserError("--precision bf16: not supported on mps (use fp32)")
     if name != "auto":
         return name == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
+    try:  # bf16 pays with AMX or AMD's AVX-512 BF16; Intel's without AMX is slower than fp32 (benchmarks/README.md)
         with open("/proc/cpuinfo") as f:
-            return device.type == "cpu" and any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
+            info = f.read()
     except OSError:  # not Linux: stay with fp32
         return False
+    return device.type == "cpu" and ("amx_bf16" in info or "avx512_bf16" in info and "AuthenticAMD" in info)
 
 
 def keep_freed_memory() -> None:

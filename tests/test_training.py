@@ -1,6 +1,7 @@
 """Training: exact resumes, the objective's options (beta, warm-up, K, binarization), what
 the metrics say, and the memory tuning of the step."""
 
+import io
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -133,6 +134,15 @@ def test_schedules_are_functions_of_the_progress():
     assert training.learning_rate(cosine, 0.0) == 1e-3 and training.learning_rate(cosine, 4.0) == 0.0
     assert training.learning_rate(cosine, 2.0) == pytest.approx(5e-4) and training.learning_rate(cosine, 3.0) < 2e-4
     assert torch.equal(training.epoch_permutation(3, 1, 10), training.epoch_permutation(3, 1, 10))
+
+
+@pytest.mark.parametrize("cpuinfo, bf16", [("GenuineIntel avx512_bf16 amx_bf16", True), ("AuthenticAMD avx512_bf16", True),
+                                            ("GenuineIntel avx512_bf16", False), ("GenuineIntel avx2", False)])
+def test_auto_precision_is_bf16_only_where_it_is_faster(monkeypatch, cpuinfo, bf16):
+    """On a CPU, --precision auto reads /proc/cpuinfo: bf16 with AMX or on AMD's AVX-512 BF16, else fp32."""
+    monkeypatch.setattr(cli, "open", lambda *a: io.StringIO(cpuinfo), raising=False)
+    assert cli.pick_precision("auto", torch.device("cpu")) is bf16
+    assert cli.pick_precision("fp32", torch.device("cpu")) is False and cli.pick_precision("bf16", torch.device("cpu"))
 
 
 def test_beta_and_warmup_report_true_elbo(tmp_path):
