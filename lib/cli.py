@@ -99,7 +99,7 @@ TRAIN_FLAGS = (
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256, help="images per test-loss step")),
     ("--precision", RUN, dict(choices=("auto", "fp32", "bf16"), default="auto",
                               help="arithmetic of training and its test loss; auto = bf16 autocast where faster "
-                                   "(AMX, AMD's AVX-512 BF16, CUDA), else fp32 (evaluate.py: fp32)")),
+                                   "(Linux with AMX or AMD's AVX-512 BF16; CUDA from Ampere), else fp32")),
     ("--checkpoint", GIVEN, dict(default=DEFAULT_CHECKPOINT, help="checkpoint file to write")),
     ("--resume", GIVEN, dict(action="store_true", help="continue the run stored in --checkpoint, with its flags")),
     ("--overwrite", GIVEN, dict(action="store_true", help="start afresh even if --checkpoint exists (its run is lost)")),
@@ -224,7 +224,7 @@ def pick_precision(name: str, device: torch.device) -> bool:
     if name != "auto":
         return name == "bf16"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:  # bf16 pays with AMX or AMD's AVX-512 BF16; Intel's without AMX is slower than fp32 (benchmarks/README.md)
         with open("/proc/cpuinfo") as f:
             info = f.read()

@@ -137,11 +137,18 @@ def test_schedules_are_functions_of_the_progress():
 
 
 @pytest.mark.parametrize("cpuinfo, bf16", [("GenuineIntel avx512_bf16 amx_bf16", True), ("AuthenticAMD avx512_bf16", True),
-                                            ("GenuineIntel avx512_bf16", False), ("GenuineIntel avx2", False)])
+                                            ("GenuineIntel avx512_bf16", False), ("GenuineIntel avx2", False),
+                                            ("AuthenticAMD avx2", False), (OSError, False)])
 def test_auto_precision_is_bf16_only_where_it_is_faster(monkeypatch, cpuinfo, bf16):
-    """On a CPU, --precision auto reads /proc/cpuinfo: bf16 with AMX or on AMD's AVX-512 BF16, else fp32."""
-    monkeypatch.setattr(cli, "open", lambda *a: io.StringIO(cpuinfo), raising=False)
+    """On a CPU, --precision auto reads /proc/cpuinfo: bf16 with AMX or on AMD's AVX-512 BF16, else (or unreadable)
+    fp32; the rule is for CPUs only."""
+    def fake_open(*args):
+        if cpuinfo is OSError:
+            raise OSError("no /proc")
+        return io.StringIO(cpuinfo)
+    monkeypatch.setattr(cli, "open", fake_open, raising=False)
     assert cli.pick_precision("auto", torch.device("cpu")) is bf16
+    assert cli.pick_precision("auto", torch.device("meta")) is False
     assert cli.pick_precision("fp32", torch.device("cpu")) is False and cli.pick_precision("bf16", torch.device("cpu"))
 
 
