@@ -223,14 +223,14 @@ def pick_precision(name: str, device: torch.device) -> bool:
         raise UserError("--precision bf16: not supported on mps (use fp32)")
     if name != "auto":
         return name == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":  # a GPU: bf16 where native (Ampere and later), not emulated; mps: fp32
+        return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     try:  # bf16 pays with AMX or AMD's AVX-512 BF16; Intel's without AMX is slower than fp32 (benchmarks/README.md)
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:  # not Linux: stay with fp32
         return False
-    return device.type == "cpu" and ("amx_bf16" in info or "avx512_bf16" in info and "AuthenticAMD" in info)
+    return "amx_bf16" in info or "avx512_bf16" in info and "AuthenticAMD" in info
 
 
 def keep_freed_memory() -> None:
