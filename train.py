@@ -21,7 +21,7 @@ from lib.data import to_unit
 from lib.evaluation import importance_nll, negative_elbo
 
 LOG_EVERY = 50  # steps between host syncs (progress bar, non-finite check)
-SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: with --iw-k K, batches split into K-sized groups
+SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: with --iw-k K, batches go in groups of 4096 // K images
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             training.fit_latent_mixture(run)
     except training.Interrupted as e:
         if run is None:
-            return training.report(e.args[0], "before training started", "nothing was written")
+            return training.report(e.args[0], "before training started", "no checkpoint was written")
         return training.report(e.args[0], "while fitting the latent mixture",
                                f"{args.checkpoint} holds the trained model without it; "
                                + training.resume_hint(args) + " (fits it)")

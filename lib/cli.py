@@ -65,7 +65,7 @@ TRAIN_FLAGS = (
     ("--arch", RUN, dict(choices=ARCHS, default=D.arch,
                          help="conv: small conv encoder/decoder; mlp: the pytorch/examples shape")),
     ("--hidden-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["hidden_dim"]), default=D.hidden_dim,
-                               help="width of the fully connected hidden layer")),
+                               help="width of the fully connected hidden layers (and of --flow-prior's nets)")),
     ("--channels", RUN, dict(type=Number(int, 1, MAX_SIZE["channels"]), nargs=2, default=list(D.channels),
                              metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")),
     ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), default=None,

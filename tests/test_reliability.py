@@ -163,7 +163,7 @@ def test_signal_while_loading_the_data_writes_nothing(tmp_path):
                  SIGNAL_AT.format(root=ROOT, name="load_test_set", n=1, sig=int(signal.SIGINT)))
     out, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 130 and len(lines) == 1 and "nothing was written" in lines[0], err
+    assert proc.returncode == 130 and len(lines) == 1 and "no checkpoint was written" in lines[0], err
     assert not (tmp_path / "new").exists()
 
 
