@@ -21,7 +21,7 @@ from lib.data import to_unit
 from lib.evaluation import importance_nll, negative_elbo
 
 LOG_EVERY = 50  # steps between host syncs (progress bar, non-finite check)
-SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: with --iw-k K, batches go in groups of 4096 // K images
+SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: with --iw-k K, a batch runs in groups of (this // K) images
 
 
 def main(argv=None) -> int:
