@@ -130,16 +130,16 @@ def fit_to_model(model: VAE, images: torch.Tensor, labels: torch.Tensor, compone
     model.eval()
     k = model.config.num_classes
     noise = torch.Generator(device=model.device).manual_seed(seed)
-    zs = []
+    # filled in place: kept views of the batches' outputs fragmented glibc's heap, resident memory grew per batch
+    z = torch.empty(len(images), model.config.latent_dim)
     for i in range(0, len(images), batch_size):
         x = to_unit(images[i:i + batch_size].to(model.device))
         y = labels[i:i + batch_size].to(model.device) if k else None
         mu, logvar = model.encode(x, y)
         if posterior_samples:
             mu = reparameterize(mu, logvar, torch.randn(mu.shape, generator=noise, device=mu.device))
-        zs.append(mu.float().cpu())
+        z[i:i + batch_size] = mu
     model.train(was_training)
-    z = torch.cat(zs)
     groups = [z] if k == 0 else [z[labels.cpu() == g] for g in range(k)]
     if min(len(points) for points in groups) == 0:
         return None
