@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     priors, fit_seconds = [None], None
     if args.prior_components:
-        train = TensorDataset.load("train", args.data_dir, device)
+        train = TensorDataset.load("train", args.data_dir, device, args.limit)
         if binarize:
             train = train.binarized(BINARIZE_SEED + 1)  # one draw, not the test set's
         fitted = fit_to_model(model, train.images, train.labels, args.prior_components, args.seed,

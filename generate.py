@@ -42,8 +42,8 @@ def build_parser() -> cli.Parser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.path.exists(args.checkpoint):
-        raise UserError(f"{args.checkpoint}: no checkpoint; run `python train.py` first (or pass --checkpoint)")
+    if not args.out:
+        raise UserError("empty path given for --out (the folder for the images)")
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     k = model.config.num_classes

@@ -317,7 +317,7 @@ class VAE(nn.Module):
         and at beta = 1 the objective is the plain bound. beta weighs the KL (beta-VAE, KL warm-up;
         a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim] (None: torch.randn);
         reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or labels, as `encode`."""
-        labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction)
+        labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction, beta=beta)
         mu, logvar = self._encode(x, labels)
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
@@ -342,9 +342,9 @@ class VAE(nn.Module):
         any K. prior: p(z), an object with log_prob (None: the model's own), or a list of these:
         then [P, B], all from the same samples and one pass of the decoder. UserError (a
         ValueError) for k or chunk that are not ints >= 1, and for bad images or labels."""
-        labels = check_input(self.config, x, labels, k, chunk)
         several = isinstance(prior, (list, tuple))
         priors = [self.prior if p is None else p for p in (prior if several else [prior])]
+        labels = check_input(self.config, x, labels, k, chunk, priors=priors)
         mu, logvar = self._encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         total = torch.full((len(priors), mu.shape[0]), -math.inf, device=mu.device)

@@ -45,8 +45,8 @@ def is_number(v) -> bool:
 def first_line(e: BaseException) -> str:
     """The informative part of an exception's message, on one line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    # "Error(s) in loading state_dict for VAE:" says what, its next line why
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    # "Error(s) in loading state_dict for VAE:" says what, its next line why: a line ending in ":" goes on
+    return " ".join(lines[:next((i + 1 for i, line in enumerate(lines) if not line.endswith(":")), len(lines))])
 
 
 # -- the Python API -----------------------------------------------------------------------------
@@ -94,25 +94,32 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
     return labels
 
 
-def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean"):
+def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean", beta: float = 1.0,
+                priors=()):
     """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32 tensor [B, C, H, W]
-    of pixels in [0, 1] (checked on the CPU only, as labels are); labels as `as_labels` takes them; ints k,
-    chunk >= 1; the noise eps, a float tensor [k, B, latent_dim]; a reduction. Returns the labels as a tensor."""
+    (B >= 1) of pixels in [0, 1] (checked on the CPU only, as labels are); labels as `as_labels` takes them; ints k,
+    chunk >= 1; the noise eps, a float32 or bfloat16 tensor [k, B, latent_dim]; a reduction; a finite beta >= 0;
+    priors with log_prob. Returns the labels as a tensor."""
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
     if reduction not in ("mean", "sum", "none"):
         raise UserError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not is_number(beta) or beta < 0:
+        raise UserError(f"beta must be a finite number >= 0, got {beta!r}")
+    if not all(callable(getattr(p, "log_prob", None)) for p in priors):
+        raise UserError("prior must be None, an object with a log_prob method (a GaussianMixture) or a list of these")
     shape = (config.image_channels, config.image_size, config.image_size)
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-        raise UserError(f"x must be a float32 tensor of pixel values in [0, 1], got {getattr(x, 'dtype', type(x))} "
-                        "(divide 0-255 grey levels by 255)")
-    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
-        raise UserError(f"x must be [B, {', '.join(map(str, shape))}], got {list(x.shape)}")
-    if eps is not None and not (isinstance(eps, torch.Tensor) and eps.is_floating_point()
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        raise UserError(f"x must be a float32 tensor of pixel values in [0, 1], got {got} "
+                        "(torch.as_tensor(x).float(), divided by 255 for 0-255 grey levels)")
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape or not len(x):
+        raise UserError(f"x must be [B, {', '.join(map(str, shape))}] with B >= 1, got {list(x.shape)}")
+    if eps is not None and not (isinstance(eps, torch.Tensor) and eps.dtype in (torch.float32, torch.bfloat16)
                                 and tuple(eps.shape) == (k, x.shape[0], config.latent_dim)):
-        raise UserError(f"eps must be a float tensor [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, latent_dim), "
-                        f"got {list(getattr(eps, 'shape', [type(eps).__name__]))}")
+        raise UserError(f"eps must be a float32 (or bfloat16) tensor [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, "
+                        f"latent_dim), got {getattr(eps, 'dtype', type(eps).__name__)} {list(getattr(eps, 'shape', []))}")
     if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(x)
         if not (low >= 0 and high <= 1):  # also catches NaN
@@ -126,7 +133,8 @@ def check_latent(config, z, labels, n=None, generator=None) -> torch.Tensor | No
     images n >= 1, a torch.Generator or None), and their labels as `as_labels` takes them; returns the labels."""
     if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
                               and z.shape[1] == config.latent_dim):
-        raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {list(getattr(z, 'shape', [z]))}")
+        got = f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}"
+        raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {got}")
     if z is None and not (is_int(n) and n >= 1):
         raise UserError(f"n must be an int >= 1, got {n!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -164,7 +172,8 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
     missing, foreign, truncated or crafted file (whose payload never runs), or anything but a dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        why = f"no such {what}" if not os.path.exists(path) else f"not a file; expected a {what}"
+        why = (f"no such {what}" + ("; `python train.py` writes one" if what == "checkpoint" else "")
+               if not os.path.exists(path) else f"not a file; expected a {what}")
         raise UserError(f"{path}: {why}")
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         try:
@@ -283,10 +292,9 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
-    # Files of this format may lack flow_prior (then 0), or hold learned_prior, a prior this code does not have.
-    config = {"flow_prior": 0, **ckpt["model_config"]}
-    learned_mixture = config.pop("learned_prior", 0)
-    if not is_int(learned_mixture) or learned_mixture:
+    config = {"flow_prior": 0, **ckpt["model_config"]}  # files of this format may lack flow_prior (then 0)
+    learned = config.pop("learned_prior", 0)  # or hold learned_prior, a prior this code does not have
+    if not is_int(learned) or learned:
         raise UserError(f"{path}: a model with a learned mixture prior, which this code does not have")
     expected = {f.name for f in fields(config_class)}
     if set(config) != expected:

@@ -124,7 +124,7 @@ def load_classifier(path: str = DEFAULT_WEIGHTS, device="cpu", check_sha256: boo
         digest = sha256_of(path)
         if digest != WEIGHTS_SHA256:
             raise UserError(f"{path}: SHA-256 {digest[:12]}... is not the shipped classifier's "
-                            f"({WEIGHTS_SHA256[:12]}...); restore it with git, or retrain it")
+                            f"({WEIGHTS_SHA256[:12]}...); restore it with git, or pass --no-sha256-check for your own")
     saved = read_archive(path, map_location=device, what="classifier")
     try:
         model = DigitClassifier(**saved["config"])

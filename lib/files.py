@@ -19,7 +19,7 @@ TMP_SUFFIX = ".tmp"
 def check_output_path(path, what: str = "output file", devices_ok: bool = False) -> str:
     """The one check of an output path, before any work: refuse, in one line, an empty path, a folder, a special
     file (with devices_ok, a character device or a pipe passes: write_atomic writes to it directly), an unwritable
-    file, or a folder that cannot be made or written."""
+    file, a folder that cannot be made or written, or a name too long for write_atomic's temp file."""
     path = os.fspath(path)
     if not path:
         raise UserError(f"empty path given for the {what}")
@@ -38,6 +38,9 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         why = "not a folder" if not os.path.isdir(probe) else "not writable"
         raise UserError(f"{path}: cannot create the {what} there ({probe} is {why})")
+    longest = len(os.path.basename(target)) + len(f".{2**22}.{'0' * 16}{TMP_SUFFIX}")  # write_atomic's temp file
+    if longest > (os.pathconf(probe, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255):
+        raise UserError(f"{path}: file name too long (with its temp file's suffix) for the {what}")
     return path
 
 
@@ -131,7 +134,7 @@ class Lock:
     _fd = None  # the locked file, while held
 
     def __init__(self, path):
-        self.path = os.fspath(path) + ".lock"
+        self.path = os.path.realpath(os.fspath(path)) + ".lock"  # beside the file write_atomic replaces
 
     def __enter__(self):
         try:
@@ -139,7 +142,10 @@ class Lock:
         except ImportError:  # pragma: no cover - Windows
             return self
         make_folder(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the lock file ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

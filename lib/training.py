@@ -66,6 +66,8 @@ def setup(args):
     every checkpoint field, paths, data, device) is checked before anything is written, and the
     checkpoint is read once; then the checkpoint's lock is held until the block ends."""
     path, ckpt, model = args.checkpoint, None, None
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --checkpoint, --overwrite starts it afresh: pass one of them")
     files.check_output_path(path, "checkpoint")
     if args.resume:
         stamp = os.stat(path).st_mtime_ns if os.path.isfile(path) else None

@@ -108,11 +108,11 @@ def test_corrupt_decompressed_file_is_reported_not_overwritten(tmp_path):
 
 
 def test_missing_files_and_failed_download_give_one_line(tmp_path, monkeypatch):
-    def offline(_):
-        raise OSError("no network")
+    def offline(_):  # torchvision's message: what, then per mirror "Tried URL, got:" and the error on its own line
+        raise RuntimeError("Error downloading x.gz:\nTried https://a/, got:\nno network\nTried https://b/, got:\nno\n")
 
     monkeypatch.setattr(data, "_download", offline)
-    with pytest.raises(UserError, match="missing.*download failed.*no network.*--data-dir") as e:
+    with pytest.raises(UserError, match="missing.*download failed.*Tried https://a/, got: no network.*--data-dir") as e:
         data.load_split("test", tmp_path)
     assert "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())

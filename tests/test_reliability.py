@@ -303,13 +303,33 @@ def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
     assert all(p.read_text() == "keep" for p in keep) and not stale.exists()
 
 
-def test_empty_paths_are_refused(tmp_path, capsys):
+def test_empty_paths_are_refused(good, tmp_path, capsys):
     before = tree(tmp_path)
     os.chdir(tmp_path)
-    for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"])):
+    for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"]),
+                       (generate.main, ["--out", "", "--checkpoint", good])):
         line = cli_error(main, args, capsys)
         assert "empty path" in line
     assert tree(tmp_path) == before
+
+
+def test_a_checkpoint_path_that_cannot_hold_its_files_is_refused_before_training(tmp_path, capsys):
+    """Too long a name for the temp file of an atomic save, a lock file that cannot be made: one line, nothing
+    trained; a path through a folder that does not exist, then back out (`nodir/..`), trains as its real path."""
+    before = tree(tmp_path)
+    line = cli_error(train.main, [*TINY, "--checkpoint", tmp_path / ("x" * 240 + ".pt")], capsys)
+    assert "too long" in line and tree(tmp_path) == before
+    if os.path.isdir("/proc/self"):  # root passes os.access there, but no file can be created in /proc
+        line = cli_error(train.main, [*TINY, "--checkpoint", "/proc/self/vae.pt"], capsys)
+        assert "lock file" in line or "not writable" in line
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0",
+                       "--checkpoint", str(tmp_path / "nodir" / ".." / "run.pt")]) == 0
+    assert (tmp_path / "run.pt").exists() and not (tmp_path / "nodir").exists()
+
+
+def test_resume_and_overwrite_together_are_refused(good, capsys):
+    line = cli_error(train.main, ["--resume", "--overwrite", "--checkpoint", good], capsys)
+    assert "--resume" in line and "--overwrite" in line
 
 
 def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_path):
@@ -422,6 +442,11 @@ def test_api_arguments_are_validated():
         (lambda: m.sample(4, generator=0), "generator"), (lambda: m.loss(x, reduction="avg"), "reduction"),
         (lambda: m.loss(x, eps=torch.randn(3, 2)), "eps must be"), (lambda: m.encode(x.numpy()), "float32"),
         (lambda: m.encode((x * 255).to(torch.uint8)), "float32"), (lambda: m.encode(x.double()), "float32"),
+        (lambda: m.encode(x[:0]), "B >= 1"), (lambda: m.loss(x, eps=torch.randn(1, 3, 2).double()), "eps must be"),
+        (lambda: m.loss(x, beta=float("nan")), "beta"), (lambda: m.loss(x, beta=-1.0), "beta"),
+        (lambda: m.loss(x, beta="1"), "beta"), (lambda: m.log_likelihood(x, k=2, prior="N(0, I)"), "log_prob"),
+        (lambda: m.log_likelihood(x, k=2, prior=[None, 3]), "log_prob"),
+        (lambda: m.decode(torch.zeros(3, 2, dtype=torch.long)), "torch.int64"),
     ]
     for call, what in bad_calls:
         with pytest.raises(ValueError, match=what):

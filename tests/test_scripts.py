@@ -127,10 +127,17 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert "no such checkpoint" in line
 
 
-def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys):
-    out = tmp_path / "nll.json"
+def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys, monkeypatch):
+    out, fitted_to, fit = tmp_path / "nll.json", [], evaluate.fit_to_model
+
+    def counted_fit(model, images, *args, **kwargs):
+        fitted_to.append(len(images))
+        return fit(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "fit_to_model", counted_fit)
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
                           "--prior-components", "3", "--json", str(out)]) == 0
+    assert fitted_to == [20]  # --limit applies to the training images the prior is fitted to, too
     r = json.loads(out.read_text())
     assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
     assert "mixture prior" in capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_every_flag_that_shapes_a_run_survives_a_resume(tmp_path):
             assert c["latent_mixture"]["weights"].shape == (10, args.mixture_components)
         else:
             assert c["latent_mixture"] is None
-    assert covered == set(cli.RUN_FLAGS), set(cli.RUN_FLAGS) - covered
+    assert covered == set(cli.RUN_FLAGS), f"set these in a run of NON_DEFAULT: {set(cli.RUN_FLAGS) - covered}"
 
 
 def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
