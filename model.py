@@ -310,13 +310,13 @@ class VAE(nn.Module):
             -L_K = -[logsumexp_k (a_k + c_k - mean_j c_j) - log K - beta * KL],
             a_k = log p(x|z_k),  c_k = log p(z_k) - log q(z_k|x) + KL
 
-        c_k has mean 0 under q for any parameters, so subtracting its mean over the K samples
-        changes neither the bound's expectation nor its expected gradient: a control variate,
-        with which K = 1 is exactly the ELBO with the analytic KL. With a learned prior the KL
-        has no closed form: its K-sample estimate -mean_k(log p(z_k) - log q(z_k|x)) stands in,
-        and at beta = 1 the objective is the plain bound. beta weighs the KL (beta-VAE, KL warm-up;
-        a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim] (None: torch.randn);
-        reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or labels, as `encode`."""
+        c_k has mean 0 under q for any parameters, so subtracting its mean over the K samples changes neither the
+        bound's expectation nor its expected gradient: a control variate, with which K = 1 is exactly the ELBO with
+        the analytic KL. With a learned prior the KL has no closed form: its K-sample estimate
+        -mean_k(log p(z_k) - log q(z_k|x)) stands in, and at beta = 1 the objective is the plain bound. beta weighs
+        the KL (beta-VAE, KL warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
+        (None: torch.randn); reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or
+        labels (as `encode`), k, beta, eps or reduction."""
         labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction, beta=beta)
         mu, logvar = self._encode(x, labels)
         if eps is None:
@@ -340,8 +340,8 @@ class VAE(nn.Module):
         a lower bound that tightens with K (K = 1 is the one-sample ELBO). Samples are drawn
         `chunk` at a time (torch.randn [chunk, B, d] from `generator`), so memory stays bounded for
         any K. prior: p(z), an object with log_prob (None: the model's own), or a list of these:
-        then [P, B], all from the same samples and one pass of the decoder. UserError (a
-        ValueError) for k or chunk that are not ints >= 1, and for bad images or labels."""
+        then [P, B], all from the same samples and one pass of the decoder. UserError (a ValueError) for k
+        or chunk that are not ints >= 1, a prior without log_prob, and bad images or labels."""
         several = isinstance(prior, (list, tuple))
         priors = [self.prior if p is None else p for p in (prior if several else [prior])]
         labels = check_input(self.config, x, labels, k, chunk, priors=priors)

@@ -174,7 +174,7 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
     if not os.path.isfile(path):
         why = (f"no such {what}" + ("; `python train.py` writes one" if what == "checkpoint" else "")
                if not os.path.exists(path) else f"not a file; expected a {what}")
-        raise UserError(f"{path}: {why}")
+        raise UserError(f"{path or repr(path)}: {why}")
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         try:
             device = torch.device(map_location)

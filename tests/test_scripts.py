@@ -124,7 +124,8 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert abs(r["bits_per_dim"] - r["nll"] / (784 * math.log(2))) < 1e-9
     assert abs(r["neg_elbo"] - r["recon"] - r["kl"]) < 1e-6
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "missing.pt"], capsys)
-    assert "no such checkpoint" in line
+    assert "no such checkpoint" in line and "python train.py" in line
+    assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
 
 
 def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys, monkeypatch):
