@@ -72,6 +72,9 @@ TRAIN_FLAGS = (
                                help="residual blocks at each conv resolution, encoder and decoder "
                                     "(default: 1 with the conv arch, 0 with mlp)")),
     ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
+    ("--output-bias", RUN, dict(choices=("mean", "torch"), default="mean",
+                                help="the decoder's output bias at the start: mean, the log-odds of the training "
+                                     "images' mean pixel; torch, PyTorch's init")),
     ("--flow-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["flow_prior"]), default=0,
                                help="p(z): N(0, I) through this many affine coupling layers (RealNVP) trained "
                                     "with the model (its KL then sampled); 0: N(0, I)")),

@@ -108,6 +108,11 @@ def setup(args):
         torch.manual_seed(args.seed)  # the initial weights
         # channels_last: the layout the CPU's and GPU's convolution kernels prefer (benchmarks/README.md)
         model = (model or VAE(config)).to(device, memory_format=torch.channels_last).train()
+        if ckpt is None and args.output_bias == "mean":  # the untrained decoder predicts the mean grey level: no
+            images = train_set.images  # slow first steps to learn it, which some seeds never make up (docs/results.md)
+            p = min(max(images.sum(dtype=torch.int64).item() / (255 * images.numel()), 1e-6), 1 - 1e-6)
+            out = model.dec_body[-1] if config.arch == "conv" else model.dec_head[-1]
+            torch.nn.init.constant_(out.bias, math.log(p / (1 - p)))
         model.latent_mixture = None  # fitted to these weights when training ends
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
         ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None

@@ -51,7 +51,7 @@ NON_DEFAULT = (
      "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
      "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2", "--iw-start", "1",
-     "--mixture-components", "0", "--res-blocks", "0", "--flow-prior", "2"],
+     "--mixture-components", "0", "--res-blocks", "0", "--flow-prior", "2", "--output-bias", "torch"],
 )
 
 
@@ -74,6 +74,24 @@ def test_every_flag_that_shapes_a_run_survives_a_resume(tmp_path):
         else:
             assert c["latent_mixture"] is None
     assert covered == set(cli.RUN_FLAGS), f"set these in a run of NON_DEFAULT: {set(cli.RUN_FLAGS) - covered}"
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "mlp"]])
+def test_a_new_run_starts_the_decoder_at_the_mean_pixel(tmp_path, arch):
+    """--output-bias mean (the default): the decoder's output bias starts at the log-odds of the training images' mean
+    pixel, so the untrained decoder predicts the mean grey level; torch: PyTorch's init. All else is the same."""
+    models = {}
+    for choice in ("mean", "torch"):
+        args = cli.Parser("", cli.TRAIN_FLAGS).parse_args([*TINY, *arch, "--output-bias", choice,
+                                                           "--checkpoint", str(tmp_path / f"{choice}.pt")])
+        with training.setup(args) as run:
+            models[choice] = (run.model, run.train_set.images)
+    (mean, images), (torch_init, _) = models["mean"], models["torch"]
+    out = [name for name in mean.state_dict() if name.startswith("dec_")][-1]  # the decoder's last layer's bias
+    p = images.double().mean() / 255
+    assert out.endswith(".bias") and torch.allclose(torch.sigmoid(mean.state_dict()[out].double()), p.expand(784))
+    for name, t in torch_init.state_dict().items():
+        assert torch.equal(t, mean.state_dict()[name]) == (name != out), name
 
 
 def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
