@@ -167,8 +167,9 @@ def check_flags(args) -> VAEConfig:
 
 def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
     """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
-    and the rules between them, and in agreement with the stored model. A flag the checkpoint does
-    not have (one added to the table after it was written) takes its default, in `stored`."""
+    and the rules between them, and in agreement with the stored model. A flag the checkpoint does not have (added
+    to the table after it was written) takes its default, in `stored`; --output-bias takes torch, as those runs had."""
+    stored.setdefault("output_bias", "torch")
     for flag, run, keywords in TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         if not run and name != "epochs":

@@ -622,14 +622,16 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
 
 def test_a_model_config_without_flow_prior_or_with_learned_prior_0_loads_and_resumes(good, tmp_path):
     """Files of this format may lack flow_prior or hold learned_prior = 0: both mean N(0, I), and
-    such a file loads and resumes (learned_prior > 0 is refused in one line: the cases above)."""
+    such a file loads and resumes (learned_prior > 0 is refused in one line: the cases above). A file
+    without --output-bias among its flags started from PyTorch's init, and says so after a resume."""
     c = torch.load(good, weights_only=True)
-    del c["model_config"]["flow_prior"]
+    del c["model_config"]["flow_prior"], c["args"]["output_bias"]
     c["model_config"]["learned_prior"] = 0
     ckpt = tmp_path / "vae.pt"
     torch.save(c, ckpt)
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
     assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", "2"]) == 0
+    assert load_checkpoint(ckpt)["args"]["output_bias"] == "torch"
 
 
 def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
