@@ -78,7 +78,7 @@ def main(argv=None) -> int:
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
 
     t0 = time.perf_counter()
-    priors, fit_seconds = [None], None
+    priors, fit_seconds, fit_images = [None], None, 0
     if args.prior_components:
         train = TensorDataset.load("train", args.data_dir, device, args.limit)
         if binarize:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         fitted = fit_to_model(model, train.images, train.labels, args.prior_components, args.seed,
                               posterior_samples=True)
         priors.append(GaussianMixture(**fitted).to(device))
-        fit_seconds = time.perf_counter() - t0
+        fit_seconds, fit_images = time.perf_counter() - t0, len(train)
         del train
     elbo = negative_elbo(model, test, args.batch_size, args.seed)
     # One decoder pass scores all priors from the same samples: the model's own NLL is unchanged by --prior-components.
@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} (one posterior sample)")
     if args.prior_components:
         result.update(prior_components=args.prior_components, nll_mixture_prior=nll_prior[0],
-                      prior_fit_seconds=fit_seconds)
+                      prior_fit_seconds=fit_seconds, prior_fit_images=fit_images)
         print(f"NLL {nll_prior[0]:.2f} nats/image with a {args.prior_components}-component mixture prior fitted "
-              f"to the training set's posterior samples ({fit_seconds:.0f} s to fit), K = {args.k}")
+              f"to {fit_images:,} training images' posterior samples ({fit_seconds:.0f} s to fit), K = {args.k}")
     return write_json(args.json, result)
 
 

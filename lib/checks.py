@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import pickle
 import warnings
@@ -39,7 +40,7 @@ def is_int(v) -> bool:
 
 def is_number(v) -> bool:
     """A finite int or float (not a bool)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # numpy scalars too
 
 
 def first_line(e: BaseException) -> str:
@@ -95,11 +96,11 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
 
 
 def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean", beta: float = 1.0,
-                priors=()):
+                priors=None):
     """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32 tensor [B, C, H, W]
     (B >= 1) of pixels in [0, 1] (checked on the CPU only, as labels are); labels as `as_labels` takes them; ints k,
-    chunk >= 1; the noise eps, a float32 or bfloat16 tensor [k, B, latent_dim]; a reduction; a finite beta >= 0;
-    priors with log_prob. Returns the labels as a tensor."""
+    chunk >= 1; the noise eps, a float tensor [k, B, latent_dim] but not float64 (the decoder's weights are not); a
+    reduction; a finite beta >= 0; priors (one at least) with log_prob. Returns the labels as a tensor."""
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
@@ -107,7 +108,7 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
         raise UserError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not is_number(beta) or beta < 0:
         raise UserError(f"beta must be a finite number >= 0, got {beta!r}")
-    if not all(callable(getattr(p, "log_prob", None)) for p in priors):
+    if priors is not None and not (priors and all(callable(getattr(p, "log_prob", None)) for p in priors)):
         raise UserError("prior must be None, an object with a log_prob method (a GaussianMixture) or a list of these")
     shape = (config.image_channels, config.image_size, config.image_size)
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
@@ -116,10 +117,10 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
                         "(torch.as_tensor(x).float(), divided by 255 for 0-255 grey levels)")
     if x.dim() != 4 or tuple(x.shape[1:]) != shape or not len(x):
         raise UserError(f"x must be [B, {', '.join(map(str, shape))}] with B >= 1, got {list(x.shape)}")
-    if eps is not None and not (isinstance(eps, torch.Tensor) and eps.dtype in (torch.float32, torch.bfloat16)
+    if eps is not None and not (isinstance(eps, torch.Tensor) and eps.is_floating_point() and eps.dtype != torch.float64
                                 and tuple(eps.shape) == (k, x.shape[0], config.latent_dim)):
-        raise UserError(f"eps must be a float32 (or bfloat16) tensor [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, "
-                        f"latent_dim), got {getattr(eps, 'dtype', type(eps).__name__)} {list(getattr(eps, 'shape', []))}")
+        raise UserError(f"eps must be a float tensor, not float64, [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, d), "
+                        f"got {getattr(eps, 'dtype', type(eps).__name__)} {list(getattr(eps, 'shape', []))}")
     if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(x)
         if not (low >= 0 and high <= 1):  # also catches NaN

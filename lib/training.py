@@ -109,10 +109,11 @@ def setup(args):
         # channels_last: the layout the CPU's and GPU's convolution kernels prefer (benchmarks/README.md)
         model = (model or VAE(config)).to(device, memory_format=torch.channels_last).train()
         if ckpt is None and args.output_bias == "mean":  # the untrained decoder predicts the mean grey level: no
-            images = train_set.images  # slow first steps to learn it, which some seeds never make up (docs/results.md)
-            p = min(max(images.sum(dtype=torch.int64).item() / (255 * images.numel()), 1e-6), 1 - 1e-6)
+            # slow first steps to learn it, which some seeds never make up (docs/results.md)
+            counts = torch.bincount(train_set.images.flatten(), minlength=256)  # the mean pixel without a wide copy
+            p = sum(i * c for i, c in enumerate(counts.tolist())) / (255 * counts.sum().item())
             out = model.dec_body[-1] if config.arch == "conv" else model.dec_head[-1]
-            torch.nn.init.constant_(out.bias, math.log(p / (1 - p)))
+            torch.nn.init.constant_(out.bias, math.log(max(p, 1e-6) / max(1 - p, 1e-6)))
         model.latent_mixture = None  # fitted to these weights when training ends
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
         ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -446,11 +447,13 @@ def test_api_arguments_are_validated():
         (lambda: m.loss(x, beta=float("nan")), "beta"), (lambda: m.loss(x, beta=-1.0), "beta"),
         (lambda: m.loss(x, beta="1"), "beta"), (lambda: m.log_likelihood(x, k=2, prior="N(0, I)"), "log_prob"),
         (lambda: m.log_likelihood(x, k=2, prior=[None, 3]), "log_prob"),
+        (lambda: m.log_likelihood(x, prior=[]), "log_prob"),
         (lambda: m.decode(torch.zeros(3, 2, dtype=torch.long)), "torch.int64"),
     ]
     for call, what in bad_calls:
         with pytest.raises(ValueError, match=what):
             call()
+    assert torch.isfinite(m.loss(x, beta=np.float32(0.5), eps=torch.randn(1, 3, 2).half()).total)  # numpy; fp16
     for bad in ({"latent_dim": 10**17}, {"latent_dim": 2.5}, {"hidden_dim": True}, {"arch": 3},
                 {"channels": [4, "8"]}, {"num_classes": -1}):
         with pytest.raises(ValueError):

@@ -139,9 +139,10 @@ def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys, monkeypat
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
                           "--prior-components", "3", "--json", str(out)]) == 0
     assert fitted_to == [20]  # --limit applies to the training images the prior is fitted to, too
+    assert "fitted to 20 training images'" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
-    assert "mixture prior" in capsys.readouterr().out
+    assert r["prior_fit_images"] == 20
     # the N(0, I) figure does not depend on whether a fitted prior is scored beside it
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
                           "--json", str(out)]) == 0
