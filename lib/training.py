@@ -110,7 +110,7 @@ def setup(args):
         model = (model or VAE(config)).to(device, memory_format=torch.channels_last).train()
         if ckpt is None and args.output_bias == "mean":  # the untrained decoder predicts the mean grey level: no
             # slow first steps to learn it, which some seeds never make up (docs/results.md)
-            counts = torch.bincount(train_set.images.flatten(), minlength=256)  # the mean pixel without a wide copy
+            counts = torch.bincount(train_set.images.flatten().cpu(), minlength=256)  # exact, and no wide copy
             p = sum(i * c for i, c in enumerate(counts.tolist())) / (255 * counts.sum().item())
             out = model.dec_body[-1] if config.arch == "conv" else model.dec_head[-1]
             torch.nn.init.constant_(out.bias, math.log(max(p, 1e-6) / max(1 - p, 1e-6)))
