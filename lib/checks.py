@@ -121,7 +121,7 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
                                 and tuple(eps.shape) == (k, x.shape[0], config.latent_dim)):
         raise UserError(f"eps must be a float tensor, not float64, [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, d), "
                         f"got {getattr(eps, 'dtype', type(eps).__name__)} {list(getattr(eps, 'shape', []))}")
-    if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # x holds one image at least (above)
         low, high = torch.aminmax(x)
         if not (low >= 0 and high <= 1):  # also catches NaN
             raise UserError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
