@@ -20,7 +20,7 @@ from dataclasses import fields
 
 import torch
 
-FORMAT = 2
+FORMAT = 3
 MAX_EPOCHS = 1_000_000
 # Far above any useful MNIST model: a config that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
@@ -293,10 +293,7 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     ckpt = load_checkpoint(path, map_location)
-    config = {"flow_prior": 0, **ckpt["model_config"]}  # files of this format may lack flow_prior (then 0)
-    learned = config.pop("learned_prior", 0)  # or hold learned_prior, a prior this code does not have
-    if not is_int(learned) or learned:
-        raise UserError(f"{path}: a model with a learned mixture prior, which this code does not have")
+    config = ckpt["model_config"]
     expected = {f.name for f in fields(config_class)}
     if set(config) != expected:
         raise UserError(f"{path}: bad model config: expected the keys {', '.join(sorted(expected))}")

@@ -20,7 +20,7 @@ import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
 from lib import cli, data
-from lib.checks import load_checkpoint, with_checksums
+from lib.checks import FORMAT, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
 from model import VAE, VAEConfig
 from tools import fit_mixture
@@ -407,7 +407,7 @@ def test_a_checkpoint_without_checksums_or_of_another_format_is_refused(good, tm
     del c["sha256"]
     torch.save(c, tmp_path / "unsealed.pt")
     c = torch.load(good, weights_only=True)
-    c["format"] = 1
+    c["format"] = FORMAT - 1
     torch.save(c, tmp_path / "old.pt")
     for name, what in (("unsealed.pt", "no checksums"), ("old.pt", "train it again")):
         for main in (generate.main, evaluate.main):
@@ -555,8 +555,6 @@ def variants(c):
     for v in [[4], ["4", "8"], "x", [0, 8], None, [10**9, 8]]:
         yield f"model_config.channels={v!r}", put(("model_config", "channels"), v), ALL
     yield "model_config.extra", put(("model_config", "extra"), 1), ALL
-    for v in (3, torch.zeros(3), "0"):  # a learned mixture prior, which this code does not have
-        yield f"model_config.learned_prior={v!r}", put(("model_config", "learned_prior"), v), ALL
     name = next(iter(c["model"]))
     shape = c["model"][name].shape
     for v in (torch.zeros(3), torch.zeros(shape, dtype=torch.int64), torch.full(shape, float("nan")), "x"):
@@ -577,6 +575,7 @@ def variants(c):
     mid["partial"] = torch.zeros(1, 2)  # running sums without the objective's column
     yield "partial columns", mid, ALL
     yield "metrics value", put(("metrics", 0, "test_loss"), "x"), ALL
+    yield "args without output_bias", put(("args", "output_bias"), KeyError), ALL  # every stored flag is required
     # The run's flags: train.py --resume reads them all; the other scripts binarize and limit.
     for key, bad in (("batch_size", INT_BAD[:-1]), ("seed", INT_BAD[:-1]), ("lr", FLOAT_BAD),
                      ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
@@ -621,20 +620,6 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
                 assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
             seen += 1
     assert seen > 300, seen
-
-
-def test_a_model_config_without_flow_prior_or_with_learned_prior_0_loads_and_resumes(good, tmp_path):
-    """Files of this format may lack flow_prior or hold learned_prior = 0: both mean N(0, I), and
-    such a file loads and resumes (learned_prior > 0 is refused in one line: the cases above). A file
-    without --output-bias among its flags started from PyTorch's init, and says so after a resume."""
-    c = torch.load(good, weights_only=True)
-    del c["model_config"]["flow_prior"], c["args"]["output_bias"]
-    c["model_config"]["learned_prior"] = 0
-    ckpt = tmp_path / "vae.pt"
-    torch.save(c, ckpt)
-    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
-    assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", "2"]) == 0
-    assert load_checkpoint(ckpt)["args"]["output_bias"] == "torch"
 
 
 def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
