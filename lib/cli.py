@@ -167,14 +167,13 @@ def check_flags(args) -> VAEConfig:
 
 def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
     """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
-    and the rules between them, and in agreement with the stored model."""
+    and the rules between them, and in agreement with the stored model. A flag the checkpoint does not have (added
+    to the table after it was written) takes its default, in `stored`: a new flag's default keeps the old behaviour."""
     for flag, run, keywords in TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         if not run and name != "epochs":
             continue
-        if name not in stored:
-            raise UserError(f"{path}: bad checkpoint field args: no {flag}")
-        v = stored[name]
+        v = stored.setdefault(name, DEFAULTS[name])
         try:
             if keywords.get("action") == "store_true":
                 ok = isinstance(v, bool)
