@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     if args.sample_quality:
         if args.prior_components:
             raise UserError("--prior-components applies to the likelihood, not to --sample-quality")
+        if args.limit == 1:
+            raise UserError("--sample-quality needs --limit 2 or more: a Fréchet distance fits covariances")
         return sample_quality(args, model, ckpt, device)
     if args.prior_components and conditional:
         raise UserError("--prior-components needs an unconditional model; this one is conditional")

@@ -270,7 +270,7 @@ class VAE(nn.Module):
         """x: [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]. labels: [B] class
         numbers (a list or an int too) for a conditional model. UserError (a ValueError) for
         pixels outside [0, 1] (checked on the CPU) or labels the model cannot take."""
-        return self._encode(x, check_input(self.config, x, labels))
+        return self._encode(x, check_input(self, x, labels))
 
     def _encode(self, x: torch.Tensor, labels: torch.Tensor | None):
         """encode's network, for inputs already checked (by the public method that takes them)."""
@@ -281,8 +281,8 @@ class VAE(nn.Module):
         """z: [B, latent_dim] -> Bernoulli logits [B, C, H, W]. labels: as for `encode`. UserError
         (a ValueError) for a z or labels the model cannot take."""
         c = self.config
-        labels = check_latent(c, z, labels)
-        h = self.dec_head(with_labels(z, labels, c.num_classes))
+        labels = check_latent(self, z, labels)
+        h = self.dec_head(with_labels(z.float(), labels, c.num_classes))  # fp32 weights (autocast casts on)
         if c.arch == "conv":
             h = self.dec_body(h.view(-1, *self.feat_shape))
         return h.view(-1, c.image_channels, c.image_size, c.image_size)
@@ -317,7 +317,7 @@ class VAE(nn.Module):
         the KL (beta-VAE, KL warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
         (None: torch.randn); reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or
         labels (as `encode`), k, beta, eps or reduction."""
-        labels = check_input(self.config, x, labels, k, eps=eps, reduction=reduction, beta=beta)
+        labels = check_input(self, x, labels, k, eps=eps, reduction=reduction, beta=beta)
         mu, logvar = self._encode(x, labels)
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
@@ -344,7 +344,7 @@ class VAE(nn.Module):
         or chunk that are not ints >= 1, a prior without log_prob, and bad images or labels."""
         several = isinstance(prior, (list, tuple))
         priors = [self.prior if p is None else p for p in (prior if several else [prior])]
-        labels = check_input(self.config, x, labels, k, chunk, priors=priors)
+        labels = check_input(self, x, labels, k, chunk, priors=priors, generator=generator)
         mu, logvar = self._encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         total = torch.full((len(priors), mu.shape[0]), -math.inf, device=mu.device)
@@ -365,7 +365,7 @@ class VAE(nn.Module):
         prior=True, from the model's prior p(z) (N(0, I), or the learned one); all draws from
         `generator`. labels: one label for all n, or n of them (conditional models only).
         UserError (a ValueError) for n < 1 or labels the model cannot take."""
-        labels = check_latent(self.config, None, labels, n, generator)
+        labels = check_latent(self, None, labels, n, generator, prior)
         labels = None if labels is None else labels.to(self.device)
         mixture = None if prior else self.latent_mixture
         if mixture is None:
@@ -384,8 +384,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
         """Decoder means at the posterior means: [B, C, H, W] -> [B, C, H, W] in [0, 1]."""
-        x = x.to(self.device)
-        labels = check_input(self.config, x, labels)
+        labels = check_input(self, x, labels)
         mu, _ = self._encode(x, labels)
         return torch.sigmoid(self.decode(mu, labels))
 

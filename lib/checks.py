@@ -95,12 +95,15 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
     return labels
 
 
-def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean", beta: float = 1.0,
-                priors=None):
-    """The arguments of VAE.encode, loss, log_likelihood and reconstruct: images x, a float32 tensor [B, C, H, W]
-    (B >= 1) of pixels in [0, 1] (checked on the CPU only, as labels are); labels as `as_labels` takes them; ints k,
-    chunk >= 1; the noise eps, a float tensor [k, B, latent_dim] but not float64 (the decoder's weights are not); a
-    reduction; a finite beta >= 0; priors (one at least) with log_prob. Returns the labels as a tensor."""
+def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean", beta: float = 1.0,
+                priors=None, generator=None):
+    """The arguments of VAE.encode, loss, log_likelihood and reconstruct (`model`: the VAE they go to): images x, a
+    float32 tensor [B, C, H, W] (B >= 1) of pixels in [0, 1] on the model's device; labels as `as_labels` takes them;
+    ints k, chunk >= 1; the noise eps, a float tensor [k, B, latent_dim] on that device, but not float64 (the decoder's
+    weights are not); a reduction; a finite beta >= 0; priors (one at least) whose log_prob maps [N, latent_dim] to
+    [N]; a generator as `check_generator` takes it. Pixels are checked on the CPU only: on a GPU the test would
+    stall the step on a host sync. Returns the labels as a tensor."""
+    config, device = model.config, model.device
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
@@ -108,8 +111,7 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
         raise UserError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not is_number(beta) or beta < 0:
         raise UserError(f"beta must be a finite number >= 0, got {beta!r}")
-    if priors is not None and not (priors and all(callable(getattr(p, "log_prob", None)) for p in priors)):
-        raise UserError("prior must be None, an object with a log_prob method (a GaussianMixture) or a list of these")
+    check_generator(generator, device)
     shape = (config.image_channels, config.image_size, config.image_size)
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
@@ -117,31 +119,56 @@ def check_input(config, x, labels, k: int = 1, chunk: int = 1, eps=None, reducti
                         "(torch.as_tensor(x).float(), divided by 255 for 0-255 grey levels)")
     if x.dim() != 4 or tuple(x.shape[1:]) != shape or not len(x):
         raise UserError(f"x must be [B, {', '.join(map(str, shape))}] with B >= 1, got {list(x.shape)}")
+    check_device("x", x, device)
     if eps is not None and not (isinstance(eps, torch.Tensor) and eps.is_floating_point() and eps.dtype != torch.float64
                                 and tuple(eps.shape) == (k, x.shape[0], config.latent_dim)):
         raise UserError(f"eps must be a float tensor, not float64, [{k}, {x.shape[0]}, {config.latent_dim}] (K, B, d), "
                         f"got {getattr(eps, 'dtype', type(eps).__name__)} {list(getattr(eps, 'shape', []))}")
+    check_device("eps", eps, device)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():  # x holds one image at least (above)
         low, high = torch.aminmax(x)
         if not (low >= 0 and high <= 1):  # also catches NaN
             raise UserError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
                             f"{high.item():g}] (divide 0-255 grey levels by 255)")
+    for p in [] if priors is None else priors or [None]:  # an empty list: refused as an object without log_prob
+        try:
+            ok = tuple(p.log_prob(torch.zeros(2, config.latent_dim, device=device)).shape) == (2,)
+        except Exception:  # an object of the caller's: any failure of its log_prob means the same
+            ok = False
+        if not ok:
+            raise UserError(f"prior must be None, an object whose log_prob maps latent codes [N, {config.latent_dim}] "
+                            f"on {device} to [N] (a GaussianMixture), or a non-empty list of these")
     return as_labels(labels, config.num_classes, x.shape[0], x.device)
 
 
-def check_latent(config, z, labels, n=None, generator=None) -> torch.Tensor | None:
-    """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim]) or of VAE.sample (a number of
-    images n >= 1, a torch.Generator or None), and their labels as `as_labels` takes them; returns the labels."""
+def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) -> torch.Tensor | None:
+    """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim] on the model's device) or of
+    VAE.sample (a number of images n >= 1, a generator as `check_generator` takes it, prior a bool), and their labels
+    as `as_labels` takes them; returns the labels."""
+    config, device = model.config, model.device
     if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
                               and z.shape[1] == config.latent_dim):
         got = f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}"
         raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {got}")
+    check_device("z", z, device)
     if z is None and not (is_int(n) and n >= 1):
         raise UserError(f"n must be an int >= 1, got {n!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise UserError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    device = z.device if z is not None else generator.device if generator is not None else None
-    return as_labels(labels, config.num_classes, len(z) if z is not None else n, device)
+    if not isinstance(prior, bool):
+        raise UserError(f"prior must be True or False, got {prior!r}")
+    check_generator(generator, device)
+    return as_labels(labels, config.num_classes, len(z) if z is not None else n, None if z is None else z.device)
+
+
+def check_device(name: str, t: torch.Tensor | None, device: torch.device) -> None:
+    if t is not None and t.device != device:
+        raise UserError(f"{name} is on {t.device}, the model on {device}: pass {name}.to(vae.device)")
+
+
+def check_generator(generator, device: torch.device) -> None:
+    """None, or a torch.Generator on the model's kind of device, where the draws are made."""
+    if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == device.type):
+        got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else type(generator).__name__
+        raise UserError(f"generator must be None or a torch.Generator on {device.type} (the model's), got {got}")
 
 
 def check_mixture(mixture, latent_dim: int, groups: int) -> None:
@@ -171,7 +198,10 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
     """The dict in a torch.save file, read safely: a file that is not a torch.save (zip) archive is never unpickled,
     and torch.load(weights_only=True) admits tensors and plain data only. UserError, one line naming the file, for a
     missing, foreign, truncated or crafted file (whose payload never runs), or anything but a dict."""
-    path = os.fspath(path)
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise UserError(f"a {what} path must be a str or an os.PathLike, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         why = (f"no such {what}" + ("; `python train.py` writes one" if what == "checkpoint" else "")
                if not os.path.exists(path) else f"not a file; expected a {what}")
@@ -181,6 +211,8 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
             device = torch.device(map_location)
         except (RuntimeError, TypeError, ValueError):
             raise UserError(f"{path}: cannot load onto {map_location!r}: not a device") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"{path}: cannot load onto {device}: not a device this code runs on")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"{path}: cannot load onto {device}: no CUDA device is available")
         if device.type == "mps" and not torch.backends.mps.is_available():
@@ -241,7 +273,7 @@ def load_checkpoint(path, map_location=None) -> dict:
     """A checkpoint written by train.py, read (read_archive) and checked: format, checksums (so a flipped bit is
     reported, not used), and the type and range of every field. `load_model` builds the model from it."""
     ckpt = read_archive(path, map_location)
-    path = os.fspath(path)
+    path = os.fsdecode(path)
 
     def require(ok, name: str, why: str):
         if not ok:

@@ -132,7 +132,7 @@ def setup(args):
             run.metrics, run.epoch, run.step = list(ckpt["metrics"]), ckpt["epoch"], ckpt["step"]
             run.partial, run.partial_seconds = ckpt["partial"], ckpt["partial_seconds"]
             run.on_disk = f"the last good checkpoint {path} is untouched"
-            print(f"resuming {path} after " + (f"epoch {run.epoch + 1}, step {run.step}" if run.step
+            print(f"resuming {path} after " + (f"step {run.step} of {steps} in epoch {run.epoch + 1}" if run.step
                                                else f"epoch {run.epoch}"))
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_set):,} images, "
               f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))

@@ -449,11 +449,22 @@ def test_api_arguments_are_validated():
         (lambda: m.log_likelihood(x, k=2, prior=[None, 3]), "log_prob"),
         (lambda: m.log_likelihood(x, prior=[]), "log_prob"),
         (lambda: m.decode(torch.zeros(3, 2, dtype=torch.long)), "torch.int64"),
+        (lambda: m.reconstruct(x.tolist()), "float32"), (lambda: m.sample(2, prior="yes"), "True or False"),
+        (lambda: m.log_likelihood(x, k=2, generator=1), "generator"),
+        (lambda: m.log_likelihood(x, k=2, prior=torch.distributions.Normal(0.0, 1.0)), "log_prob"),  # per dimension
+        (lambda: m.log_likelihood(x, k=2, prior=torch.distributions.MultivariateNormal(torch.zeros(16), torch.eye(16))),
+         "log_prob"),  # another latent size
+        (lambda: m.encode(x.to("meta")), "x is on meta"), (lambda: m.decode(torch.randn(3, 2, device="meta")), "z is on"),
+        (lambda: m.loss(x, eps=torch.randn(1, 3, 2, device="meta")), "eps is on"),
+        (lambda: VAE.from_checkpoint(None), "path must be"), (lambda: VAE.from_checkpoint(3), "path must be"),
     ]
     for call, what in bad_calls:
         with pytest.raises(ValueError, match=what):
             call()
     assert torch.isfinite(m.loss(x, beta=np.float32(0.5), eps=torch.randn(1, 3, 2).half()).total)  # numpy; fp16
+    z = torch.randn(3, 2)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # any float z: decoded in the weights' fp32
+        assert torch.equal(m.decode(z.to(dtype)), m.decode(z.to(dtype).float()))
     for bad in ({"latent_dim": 10**17}, {"latent_dim": 2.5}, {"hidden_dim": True}, {"arch": 3},
                 {"channels": [4, "8"]}, {"num_classes": -1}):
         with pytest.raises(ValueError):
@@ -465,6 +476,14 @@ def test_unavailable_device_is_named_not_called_corrupt(good):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
         VAE.from_checkpoint(good, map_location="cuda")
+    with pytest.raises(ValueError, match="not a device this code runs on"):
+        VAE.from_checkpoint(good, map_location="meta")
+    assert VAE.from_checkpoint(os.fsencode(good)).config == VAE.from_checkpoint(good).config  # a bytes path
+
+
+def test_sample_quality_needs_two_images_for_its_covariances(good, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", good, "--sample-quality", "--limit", 1], capsys)
+    assert "--limit 2" in line
 
 
 def test_memory_hungry_chunks_are_refused_up_front(good, capsys):
