@@ -85,6 +85,10 @@ def main(argv=None) -> int:
         train = TensorDataset.load("train", args.data_dir, device, args.limit)
         if binarize:
             train = train.binarized(BINARIZE_SEED + 1)  # one draw, not the test set's
+        d = model.config.latent_dim
+        if len(train) < args.prior_components * (d + 1):  # fewer points than a full covariance's parameters need
+            print(f"note: {len(train):,} training images for {args.prior_components} components of dimension {d}: under "
+                  f"{d + 1} per component, the mixture fits them too closely and its NLL is no fair score")
         fitted = fit_to_model(model, train.images, train.labels, args.prior_components, args.seed,
                               posterior_samples=True)
         priors.append(GaussianMixture(**fitted).to(device))

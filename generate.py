@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     # The test digits as the model was trained and evaluated on them (binarized or not).
     test = load_test_set(args.data_dir, "cpu", binarize=ckpt["args"]["binarize"])
     suffix = "" if args.digit is None else f"_digit{args.digit}"
-    paths = {name: os.path.join(args.out, name + (suffix if name.startswith("samples") else "") + ".png")
+    paths = {name: os.path.join(args.out, name + (suffix if name.startswith(("samples", "manifold")) else "") + ".png")
              for name in GRIDS}
     for path in paths.values():
         check_output_path(path, "image")  # all before any work, not half-way
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
         pairs = torch.stack([x.view(4, ROW, *x.shape[1:]), rec.view(4, ROW, *x.shape[1:])], dim=1)
         grids["reconstructions"] = pairs.reshape(-1, *x.shape[1:]), ROW
 
+        if model.latent_mixture is None:
+            notes["samples"] = "from the prior: the checkpoint has no latent mixture"
         for name, prior in (("samples", False), ("samples_prior", True)):
             if k and args.digit is None:  # one row per digit
                 labels = torch.arange(k, device=device).repeat_interleave(args.n)
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
         zl = None if y is None else y[:1].repeat(z.shape[0] * len(steps))
         grids["traversal"] = torch.sigmoid(model.decode(z.view(-1, mu.shape[1]), zl)), len(steps)
         notes["traversal"] = (f"{len(rows)} of the {active} active latent dimensions (of {mu.shape[1]}; "
-                              f"{mu.shape[1] - active} inactive), most active first")
+                              f"{mu.shape[1] - active} inactive), most active first" if active else
+                              f"no active latent dimension (of {mu.shape[1]}): the one of highest KL")
 
         if mu.shape[1] == 2 and (not k or args.digit is not None):
             u = torch.linspace(0.05, 0.95, MANIFOLD_SIDE, device=device)

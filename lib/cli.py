@@ -156,6 +156,8 @@ def check_flags(args) -> VAEConfig:
                         "leave --beta at 1 and end --kl-warmup by --iw-start")
     if args.iw_start and args.iw_k == 1:
         raise UserError("--iw-start: the epoch the --iw-k bound takes over, but --iw-k is 1 (the ELBO)")
+    if args.arch == "mlp" and list(args.channels) != DEFAULTS["channels"]:
+        raise UserError("--channels sets the conv arch's widths, but --arch is mlp (its width: --hidden-dim)")
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,

@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -76,8 +77,11 @@ def setup(args):
         restore_flags(args, ckpt["args"])
         args.epochs, stored_epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS, ckpt["args"]["epochs"]
         config = model.config
+        if ckpt["epoch"] > args.epochs:
+            raise UserError(f"{path} already has {ckpt['epoch']} epochs: --epochs {args.epochs} cannot undo them; "
+                            f"pass --epochs above {ckpt['epoch']} to train on")
         mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
-        if ckpt["epoch"] >= args.epochs and not mixture_missing:
+        if ckpt["epoch"] == args.epochs and not mixture_missing:
             print(f"{path} already has {ckpt['epoch']} epochs; pass --epochs above {ckpt['epoch']} to train on")
             yield None
             return
@@ -136,7 +140,10 @@ def setup(args):
                                                else f"epoch {run.epoch}"))
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_set):,} images, "
               f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))
-        if args.iw_k > 1:
+        if args.iw_k > 1 and args.iw_start >= args.epochs:
+            print(f"note: --iw-start {args.iw_start} is not before --epochs {args.epochs}: the run ends before the "
+                  "importance-weighted bound takes over")
+        elif args.iw_k > 1:
             print(f"objective: from epoch {args.iw_start + 1}, the importance-weighted bound with K = {args.iw_k} "
                   "(IWAE); train and test loss are the negative ELBO, the IW bound is logged beside them")
         if args.beta != 1.0 or args.kl_warmup:
@@ -295,4 +302,4 @@ def report(signum: int, where: str, kept: str) -> int:
 
 
 def resume_hint(args) -> str:
-    return f"resume with: python train.py --resume --checkpoint {args.checkpoint} --epochs {args.epochs}"
+    return f"resume with: python train.py --resume --checkpoint {shlex.quote(args.checkpoint)} --epochs {args.epochs}"

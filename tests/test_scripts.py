@@ -99,10 +99,10 @@ def test_generate_without_checkpoint_says_train_first(tmp_path):
     assert "python train.py" in line
 
 
-def test_res_blocks_need_the_conv_arch(tmp_path):
-    line = one_line_error(run_script("train.py", "--arch", "mlp", "--res-blocks", 1,
-                                     "--checkpoint", tmp_path / "m.pt"))
-    assert "--res-blocks" in line and not (tmp_path / "m.pt").exists()
+def test_conv_only_flags_need_the_conv_arch(tmp_path):
+    for flag in (["--res-blocks", 1], ["--channels", 8, 8]):
+        line = one_line_error(run_script("train.py", "--arch", "mlp", *flag, "--checkpoint", tmp_path / "m.pt"))
+        assert flag[0] in line and not (tmp_path / "m.pt").exists()
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,13 @@ def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(evaluate, "fit_to_model", counted_fit)
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
-                          "--prior-components", "3", "--json", str(out)]) == 0
+                          "--prior-components", "5", "--json", str(out)]) == 0
     assert fitted_to == [20]  # --limit applies to the training images the prior is fitted to, too
-    assert "fitted to 20 training images'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fitted to 20 training images'" in printed
+    assert "note: 20 training images for 5 components" in printed  # fewer than d + 1 = 5 per component
     r = json.loads(out.read_text())
-    assert r["prior_components"] == 3 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
+    assert r["prior_components"] == 5 and math.isfinite(r["nll_mixture_prior"]) and r["nll_mixture_prior"] > 0
     assert r["prior_fit_images"] == 20
     # the N(0, I) figure does not depend on whether a fitted prior is scored beside it
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
@@ -165,6 +167,7 @@ def test_conditional_training_and_generation(tmp_path, capsys):
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(out), "--digit", "7", "--n", "4"]) == 0
     with Image.open(out / "samples_digit7.png") as im:
         assert im.size == (4 * 30 + 2, 30 + 2)
+    assert "from the prior: the checkpoint has no latent mixture" not in capsys.readouterr().out
     capsys.readouterr()
     r = evaluate.main(["--checkpoint", str(ckpt), "--k", "3", "--limit", "20"])
     assert r == 0 and "NLL" in capsys.readouterr().out
@@ -176,6 +179,11 @@ def test_two_d_latent_writes_manifold(tmp_path):
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
     with Image.open(tmp_path / "manifold.png") as im:
         assert im.size == (20 * 30 + 2, 20 * 30 + 2)
+    # a conditional model's manifold is one digit's, named for it as its samples are
+    assert train.main([*TINY, "--epochs", "1", "--latent-dim", "2", "--conditional", "--mixture-components", "0",
+                       "--checkpoint", str(tmp_path / "c2d.pt")]) == 0
+    assert generate.main(["--checkpoint", str(tmp_path / "c2d.pt"), "--out", str(tmp_path / "c"), "--digit", "3"]) == 0
+    assert (tmp_path / "c" / "manifold_digit3.png").exists() and not (tmp_path / "c" / "manifold.png").exists()
 
 
 def test_traversal_shows_the_active_dimensions_and_counts_the_rest(tmp_path, capsys):
@@ -202,7 +210,7 @@ def run_with_mixture(mixture_run):
     return mixture_run
 
 
-def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_path):
+def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_path, capsys):
     ckpt = tmp_path / "vae.pt"
     c = load_checkpoint(run_with_mixture)
     c["latent_mixture"] = None  # as a run with --mixture-components 0 leaves it
@@ -212,6 +220,12 @@ def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_pat
     assert VAE.from_checkpoint(ckpt).latent_mixture.weights.shape == (1, 3)
     assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "0"]) == 0
     assert VAE.from_checkpoint(ckpt).latent_mixture is None
+    # the choice is the run's from now on: a --resume with nothing left to train does not fit one again
+    assert load_checkpoint(ckpt)["args"]["mixture_components"] == 0
+    assert train.main(["--checkpoint", str(ckpt), "--resume"]) == 0
+    assert VAE.from_checkpoint(ckpt).latent_mixture is None
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img"), "--n", "2"]) == 0
+    assert "samples.png  (from the prior: the checkpoint has no latent mixture)" in capsys.readouterr().out
 
 
 def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):

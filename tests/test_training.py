@@ -33,6 +33,13 @@ def test_resume_matches_straight_run(tmp_path, capsys):
     # without --epochs, --resume goes to the stored run's number of epochs: this one is done
     assert train.main(["--checkpoint", str(a), "--resume"]) == 0
     assert "already has 4 epochs" in capsys.readouterr().out and load_checkpoint(a)["epoch"] == 4
+    line = cli_error(train.main, ["--checkpoint", a, "--resume", "--epochs", "3"], capsys)  # fewer than it has
+    assert "cannot undo" in line and load_checkpoint(a)["epoch"] == 4
+
+
+def test_the_resume_hint_is_a_command_to_paste():
+    hint = training.resume_hint(SimpleNamespace(checkpoint="runs/my run.pt", epochs=3))
+    assert hint.endswith("--checkpoint 'runs/my run.pt' --epochs 3")
 
 
 def test_extending_a_cosine_run_says_it_is_no_straight_run(tmp_path, capsys):
@@ -82,7 +89,7 @@ def test_a_new_run_starts_the_decoder_at_the_mean_pixel(tmp_path, arch):
     pixel, so the untrained decoder predicts the mean grey level; torch: PyTorch's init. All else is the same."""
     models = {}
     for choice in ("mean", "torch"):
-        args = cli.Parser("", cli.TRAIN_FLAGS).parse_args([*TINY, *arch, "--output-bias", choice,
+        args = cli.Parser("", cli.TRAIN_FLAGS).parse_args([*(TINY[3:] if arch else TINY), *arch, "--output-bias", choice,
                                                            "--checkpoint", str(tmp_path / f"{choice}.pt")])
         with training.setup(args) as run:
             models[choice] = (run.model, run.train_set.images)

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     with Lock(args.checkpoint):
         model.to(device)
         k = default_components(model.config.num_classes) if args.components is None else args.components
+        ckpt["args"]["mixture_components"] = k  # the run's own choice from now on: a --resume keeps it
         if k == 0:
             ckpt["latent_mixture"] = None
             print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")
@@ -45,8 +46,9 @@ def main(argv=None) -> int:
             ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, k, args.seed)
             if ckpt["latent_mixture"] is None:
                 raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
-            print(f"{args.checkpoint}: {ckpt['latent_mixture']['weights'].shape[1]}-component latent mixture "
-                  f"fitted to {len(data):,} posterior means in {time.perf_counter() - t0:.1f} s")
+            groups, got = model.config.num_classes, ckpt["latent_mixture"]["weights"].shape[1]
+            print(f"{args.checkpoint}: latent mixture of {f'{groups} mixtures (one per digit) of ' if groups else ''}"
+                  f"{got} components fitted to {len(data):,} posterior means in {time.perf_counter() - t0:.1f} s")
         save_atomic(with_checksums(ckpt), args.checkpoint)
     return 0
 
