@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             if ckpt["latent_mixture"] is None:
                 raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
             groups, got = model.config.num_classes, ckpt["latent_mixture"]["weights"].shape[1]
-            print(f"{args.checkpoint}: latent mixture of {f'{groups} mixtures (one per digit) of ' if groups else ''}"
+            print(f"{args.checkpoint}: latent mixture: {f'{groups} mixtures (one per digit) of ' if groups else ''}"
                   f"{got} components fitted to {len(data):,} posterior means in {time.perf_counter() - t0:.1f} s")
         save_atomic(with_checksums(ckpt), args.checkpoint)
     return 0
