@@ -307,16 +307,16 @@ class VAE(nn.Module):
         eq. 8) with K posterior samples per image; at K = 1 the negative ELBO, recon + beta * KL
         (Kingma & Welling 2014, eq. 10), to the bit. In nats per image.
 
-            -L_K = -[logsumexp_k (a_k + c_k - mean_j c_j) - log K - beta * KL],
+            -L_K ~ -[logsumexp_k (a_k + c_k - mean_j c_j) - log K - beta * KL],
             a_k = log p(x|z_k),  c_k = log p(z_k) - log q(z_k|x) + KL
 
         c_k has mean 0 under q for any parameters, so subtracting its mean over the K samples changes neither the
-        bound's expectation nor its expected gradient: a control variate, with which K = 1 is exactly the ELBO with
-        the analytic KL. With a learned prior the KL has no closed form: its K-sample estimate
-        -mean_k(log p(z_k) - log q(z_k|x)) stands in, and at beta = 1 the objective is the plain bound. beta weighs
-        the KL (beta-VAE, KL warm-up; a true bound only at beta = 1). eps: the N(0, I) noise [K, B, latent_dim]
-        (None: torch.randn); reduction: "mean" over images, "sum" or "none" ([B]). UserError for bad images or
-        labels (as `encode`), k, beta, eps or reduction."""
+        bound's expectation nor its expected gradient (the estimate is -L_K in expectation, not sample by sample): a
+        control variate, with which K = 1 is exactly the ELBO with the analytic KL. With a learned prior the KL has no
+        closed form: its K-sample estimate -mean_k(log p(z_k) - log q(z_k|x)) stands in, and at beta = 1 the objective
+        is the plain bound. beta weighs the KL (beta-VAE, KL warm-up; a true bound only at beta = 1). eps: the N(0, I)
+        noise [K, B, latent_dim] (None: torch.randn); reduction: "mean" over images, "sum" or "none" ([B]). UserError
+        for bad images or labels (as `encode`), k, beta, eps or reduction."""
         labels = check_input(self, x, labels, k, eps=eps, reduction=reduction, beta=beta)
         mu, logvar = self._encode(x, labels)
         if eps is None:

@@ -14,9 +14,9 @@ the negative ELBO with grey levels as Bernoulli targets, nats per image. Extra a
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lib import cli  # noqa: E402
+from lib.checks import UserError  # noqa: E402
 from lib.data import ensure_mnist  # noqa: E402
 
 TUTORIAL_LOSS = re.compile(r"====> Test set loss: ([\d.]+)")
@@ -34,18 +36,26 @@ TARGETS = (95.0, 92.0)
 
 def timed(cmd: list[str], cwd: str, pattern: re.Pattern) -> tuple[list[tuple[float, float]], float]:
     """Run cmd; return [(seconds since start, test loss)] for each line matching pattern, and the
-    seconds until the process ended."""
+    seconds until the process ended. UserError, with the process's last line, if it fails or prints no loss."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    losses = []
-    for line in proc.stdout:
-        m = pattern.search(line)
-        if m:
-            losses.append((time.perf_counter() - t0, float(m.group(1))))
-            print(f"{losses[-1][0]:7.1f} s  {line.strip()}", flush=True)
-    if proc.wait() != 0:
-        sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}")
+    losses, last = [], ""
+    try:
+        for line in proc.stdout:
+            last = line.strip() or last
+            m = pattern.search(line)
+            if m:
+                losses.append((time.perf_counter() - t0, float(m.group(1))))
+                print(f"{losses[-1][0]:7.1f} s  {line.strip()}", flush=True)
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: the child goes too
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0 or not losses:
+        why = f"exited {proc.returncode}" if proc.returncode else "printed no test loss"
+        raise UserError(f"{' '.join(cmd)} {why}" + (f" ({last})" if last else ""))
     return losses, time.perf_counter() - t0
 
 
@@ -53,11 +63,26 @@ def reached(losses, target: float) -> float | None:
     return next((t for t, loss in losses if loss <= target), None)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tutorial", required=True, help="path to pytorch/examples' vae/main.py")
-    p.add_argument("train_args", nargs="*", help="extra arguments for train.py (after --)")
-    args = p.parse_args()
+def interrupted(signum, frame):
+    """SIGTERM as Ctrl-C: the temporary folder and the running child are cleaned up on the way out."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    p = cli.Parser(__doc__.split("\n")[0])
+    p.add_argument("--tutorial", required=True,
+                   help="path to pytorch/examples' vae/main.py, run with its own settings (10 epochs)")
+    p.add_argument("train_args", nargs="*",
+                   help="arguments for train.py after -- (default: none, the default run; a quick check: -- --limit "
+                        "2048 --epochs 1, which shortens train.py's run only)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.tutorial):
+        raise UserError(f"{args.tutorial}: no such file; clone https://github.com/pytorch/examples and pass its "
+                        "vae/main.py")
+    train = cli.Parser("", cli.TRAIN_FLAGS)
+    train.prog = "train.py"
+    ensure_mnist(train.parse_args(args.train_args).data_dir)  # bad flags or data now, not after the tutorial
+    signal.signal(signal.SIGTERM, interrupted)
     with tempfile.TemporaryDirectory() as tmp:
         # The tutorial reads ../data/MNIST/raw relative to where it runs and writes results/.
         os.makedirs(os.path.join(tmp, "run", "results"))
@@ -80,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

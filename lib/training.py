@@ -26,7 +26,7 @@ from lib.mixture import default_components, fit_to_model
 from model import VAE, GaussianMixture
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
-IW_FIELDS = ("train_iw", "test_iw")  # with --iw-k > 1: the negative K-sample bound, train and test (its epochs)
+IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 
 
 @dataclass

@@ -304,3 +304,19 @@ def test_a_learned_prior_is_what_samples_and_the_likelihood_use(tmp_path, capsys
     assert "prior a learned flow (L = 2 coupling layers)" in capsys.readouterr().out
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
     assert (tmp_path / "img" / "samples.png").exists() and (tmp_path / "img" / "samples_prior.png").exists()
+
+
+def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path):
+    script = "benchmarks/time_to_quality.py"
+    silent, tutorial = tmp_path / "silent.py", tmp_path / "tutorial.py"
+    silent.write_text("print('hello')\n")
+    tutorial.write_text("print('====> Test set loss: 300.0000')\n")  # stands in for pytorch/examples' VAE
+    for args, code, what in ((["--tutorial"], 2, "expected one argument"),
+                             (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
+                             (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
+                             (["--tutorial", silent], 1, "printed no test loss")):
+        proc = run_script(script, *args)
+        assert proc.returncode == code and what in one_line_error(proc), (args, proc.stderr)
+    proc = run_script(script, "--tutorial", tutorial, "--", *TINY, "--epochs", "1", "--mixture-components", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^300\.00 \(tutorial, 10 ep\.\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", proc.stdout, re.M), proc.stdout
