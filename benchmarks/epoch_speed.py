@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "default"],
                    help="models to time")
     p.add_argument("--rounds", type=cli.POSITIVE_INT, default=3, help="epochs per pipeline and model")
-    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=128, help="images per step")
+    p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=128, help="images per step")
     p.add_argument("--limit", type=cli.POSITIVE_INT, default=None,
                    help="epochs of only the first N images (a quick check that it runs)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
