@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import evaluate
 import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script
+from lib import cli
 from lib.checks import load_checkpoint, with_checksums
 from lib.evaluation import load_classifier
 from lib.data import TensorDataset, load_test_set
@@ -99,9 +101,9 @@ def test_generate_without_checkpoint_says_train_first(tmp_path):
     assert "python train.py" in line
 
 
-def test_conv_only_flags_need_the_conv_arch(tmp_path):
+def test_conv_only_flags_need_the_conv_arch(tmp_path, capsys):
     for flag in (["--res-blocks", 1], ["--channels", 8, 8]):
-        line = one_line_error(run_script("train.py", "--arch", "mlp", *flag, "--checkpoint", tmp_path / "m.pt"))
+        line = cli_error(train.main, ["--arch", "mlp", *flag, "--checkpoint", tmp_path / "m.pt"], capsys)
         assert flag[0] in line and not (tmp_path / "m.pt").exists()
 
 
@@ -306,17 +308,31 @@ def test_a_learned_prior_is_what_samples_and_the_likelihood_use(tmp_path, capsys
     assert (tmp_path / "img" / "samples.png").exists() and (tmp_path / "img" / "samples_prior.png").exists()
 
 
-def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path):
-    script = "benchmarks/time_to_quality.py"
+def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from benchmarks import time_to_quality
+
     silent, tutorial = tmp_path / "silent.py", tmp_path / "tutorial.py"
     silent.write_text("print('hello')\n")
     tutorial.write_text("print('====> Test set loss: 300.0000')\n")  # stands in for pytorch/examples' VAE
-    for args, code, what in ((["--tutorial"], 2, "expected one argument"),
-                             (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
-                             (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
-                             (["--tutorial", silent], 1, "printed no test loss")):
-        proc = run_script(script, *args)
-        assert proc.returncode == code and what in one_line_error(proc), (args, proc.stderr)
-    proc = run_script(script, "--tutorial", tutorial, "--", *TINY, "--epochs", "1", "--mixture-components", "0")
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^300\.00 \(tutorial, 10 ep\.\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", proc.stdout, re.M), proc.stdout
+
+    def run(*args):  # as the command line runs it: (exit code, stdout, stderr)
+        capsys.readouterr()
+        try:
+            code = cli.run(time_to_quality.main, [str(a) for a in args])
+        except SystemExit as e:  # argparse's exit 2
+            code = e.code
+        return code, *capsys.readouterr()
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # the script takes SIGTERM over: given back below
+    try:
+        for args, code, what in ((["--tutorial"], 2, "expected one argument"),
+                                 (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
+                                 (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
+                                 (["--tutorial", silent], 1, "printed no test loss")):
+            got, _, err = run(*args)
+            assert got == code and err.count("\n") == 1 and what in err and "Traceback" not in err, (args, err)
+        got, out, err = run("--tutorial", tutorial, "--", *TINY, "--epochs", "1", "--mixture-components", "0")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert got == 0, err
+    assert re.search(r"^300\.00 \(tutorial, 10 ep\.\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out

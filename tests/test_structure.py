@@ -16,7 +16,8 @@ from tools import fit_mixture, train_classifier
 
 FOLDERS = ("", "lib", "tools", "benchmarks")
 SOURCES = [os.path.join(d, f) for d in FOLDERS for f in sorted(os.listdir(os.path.join(ROOT, d))) if f.endswith(".py")]
-SCRIPTS = {"train", "generate", "evaluate", "tools.fit_mixture", "tools.train_classifier", "benchmarks.epoch_speed"}
+SCRIPTS = {"train", "generate", "evaluate", "tools.fit_mixture", "tools.train_classifier", "benchmarks.epoch_speed",
+           "benchmarks.time_to_quality"}
 PARSERS = (generate.build_parser, evaluate.build_parser, fit_mixture.build_parser, train_classifier.build_parser)
 README = open(os.path.join(ROOT, "README.md")).read()
 
