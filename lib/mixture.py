@@ -114,6 +114,14 @@ def _weighted_sums(x: torch.Tensor, k: int, responsibilities):
     return (counts, sum_x, sum_xx.view(k, d, d)), total
 
 
+def describe(fitted: dict, num_classes: int, asked: int, points: int, seconds: float) -> str:
+    """The line train.py and tools/fit_mixture.py print after `fit_to_model`."""
+    got = fitted["weights"].shape[1]
+    return (f"latent mixture: {f'{num_classes} mixtures (one per digit) of ' if num_classes else ''}{got} components"
+            f"{f' (of {asked} asked for: fewer distinct points)' if got < asked else ''} fitted to {points:,} "
+            f"posterior means in {seconds:.1f} s")
+
+
 def default_components(num_classes: int) -> int:
     return DEFAULT_COMPONENTS_PER_CLASS if num_classes else DEFAULT_COMPONENTS
 

@@ -22,7 +22,7 @@ import torch
 from lib import cli, files
 from lib.checks import FORMAT, UserError, check_resumable, with_checksums
 from lib.data import TensorDataset, load_test_set
-from lib.mixture import default_components, fit_to_model
+from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
@@ -253,10 +253,7 @@ def fit_latent_mixture(run: Run) -> None:
         return
     model.latent_mixture = GaussianMixture(**fitted).to(model.device)
     save(run, run.epoch)
-    groups, got = run.model.config.num_classes, fitted["weights"].shape[1]
-    print(f"latent mixture: {f'{groups} mixtures (one per digit) of ' if groups else ''}{got} components"
-          f"{f' (of {m} asked for: fewer distinct points)' if got < m else ''} fitted to "
-          f"{len(run.train_set):,} posterior means in {time.perf_counter() - t0:.1f} s")
+    print(describe(fitted, run.model.config.num_classes, m, len(run.train_set), time.perf_counter() - t0))
 
 
 class Interrupted(BaseException):

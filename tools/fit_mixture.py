@@ -15,7 +15,7 @@ from lib.checks import UserError, with_checksums  # noqa: E402
 from lib.data import TensorDataset  # noqa: E402
 from lib.files import Lock, save_atomic  # noqa: E402
 from lib.mixture import (DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS,  # noqa: E402
-                         default_components, fit_to_model)
+                         default_components, describe, fit_to_model)
 
 
 def build_parser() -> cli.Parser:
@@ -46,9 +46,8 @@ def main(argv=None) -> int:
             ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, k, args.seed)
             if ckpt["latent_mixture"] is None:
                 raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
-            groups, got = model.config.num_classes, ckpt["latent_mixture"]["weights"].shape[1]
-            print(f"{args.checkpoint}: latent mixture: {f'{groups} mixtures (one per digit) of ' if groups else ''}"
-                  f"{got} components fitted to {len(data):,} posterior means in {time.perf_counter() - t0:.1f} s")
+            print(f"{args.checkpoint}: " + describe(ckpt["latent_mixture"], model.config.num_classes, k, len(data),
+                                                     time.perf_counter() - t0))
         save_atomic(with_checksums(ckpt), args.checkpoint)
     return 0
 
