@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         raise UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
                         f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
     test = load_test_set(args.data_dir, device, args.limit, binarize)
-    print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}), {len(test):,} test images, "
+    print(f"device: {device}; {scored(args, ckpt)}, {len(test):,} test images, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
 
     t0 = time.perf_counter()
@@ -115,6 +115,12 @@ def main(argv=None) -> int:
     return write_json(args.json, result)
 
 
+def scored(args, ckpt: dict) -> str:
+    """What is scored, for the headers: the checkpoint, its epochs, and which of its weights."""
+    ema = ", the weights' moving average (--ema)" if ckpt["ema"] is not None else ""
+    return f"{args.checkpoint} (epoch {ckpt['epoch']}{ema})"
+
+
 def write_json(path: str | None, result: dict) -> int:
     """Write the results to --json, if given (its path was checked before the work)."""
     if path is not None:
@@ -140,7 +146,7 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit)
     source = "a latent mixture" if model.latent_mixture is not None else "the prior (no latent mixture)"
-    print(f"device: {device}; {args.checkpoint} (epoch {ckpt['epoch']}): {args.samples:,} samples from "
+    print(f"device: {device}; {scored(args, ckpt)}: {args.samples:,} samples from "
           f"{source} against {len(test_set):,} test images")
     t0 = time.perf_counter()
     r = sample_scores(model, classifier, train_set, test_set, args.samples, args.seed)

@@ -159,6 +159,15 @@ def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) 
     return as_labels(labels, config.num_classes, len(z) if z is not None else n, None if z is None else z.device)
 
 
+def unavailable(device: torch.device) -> str | None:
+    """Why torch cannot use this cpu, cuda or mps device here, or None if it can."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return None
+
+
 def check_device(name: str, t: torch.Tensor | None, device: torch.device) -> None:
     if t is not None and t.device != device:
         raise UserError(f"{name} is on {t.device}, the model on {device}: pass {name}.to(vae.device)")
@@ -194,14 +203,19 @@ def check_mixture(mixture, latent_dim: int, groups: int) -> None:
 
 # -- files ----------------------------------------------------------------------------------------
 
+def as_path(path, what: str = "checkpoint") -> str:
+    """A str, bytes or os.PathLike path as a str (for the messages too); UserError for anything else."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise UserError(f"a {what} path must be a str or an os.PathLike, got {type(path).__name__}") from None
+
+
 def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
     """The dict in a torch.save file, read safely: a file that is not a torch.save (zip) archive is never unpickled,
     and torch.load(weights_only=True) admits tensors and plain data only. UserError, one line naming the file, for a
     missing, foreign, truncated or crafted file (whose payload never runs), or anything but a dict."""
-    try:
-        path = os.fsdecode(path)
-    except TypeError:
-        raise UserError(f"a {what} path must be a str or an os.PathLike, got {type(path).__name__}") from None
+    path = as_path(path, what)
     if not os.path.isfile(path):
         why = (f"no such {what}" + ("; `python train.py` writes one" if what == "checkpoint" else "")
                if not os.path.exists(path) else f"not a file; expected a {what}")
@@ -211,12 +225,9 @@ def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
             device = torch.device(map_location)
         except (RuntimeError, TypeError, ValueError):
             raise UserError(f"{path}: cannot load onto {map_location!r}: not a device") from None
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise UserError(f"{path}: cannot load onto {device}: not a device this code runs on")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"{path}: cannot load onto {device}: no CUDA device is available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UserError(f"{path}: cannot load onto {device}: MPS is not available")
+        why = "not a device this code runs on" if device.type not in ("cpu", "cuda", "mps") else unavailable(device)
+        if why:
+            raise UserError(f"{path}: cannot load onto {device}: {why}")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise UserError(f"{path}: refused to load: not a torch.save archive (truncated, corrupt "
                         "or a foreign file); nothing in it was run")
@@ -272,8 +283,8 @@ def with_checksums(ckpt: dict) -> dict:
 def load_checkpoint(path, map_location=None) -> dict:
     """A checkpoint written by train.py, read (read_archive) and checked: format, checksums (so a flipped bit is
     reported, not used), and the type and range of every field. `load_model` builds the model from it."""
+    path = as_path(path)
     ckpt = read_archive(path, map_location)
-    path = os.fsdecode(path)
 
     def require(ok, name: str, why: str):
         if not ok:
@@ -324,6 +335,7 @@ def load_checkpoint(path, map_location=None) -> dict:
 def load_model(path, model_class, config_class, mixture_class, map_location=None):
     """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
+    path = as_path(path)
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]
     expected = {f.name for f in fields(config_class)}

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from lib.checks import MAX_EPOCHS, MAX_SIZE, UserError, is_int, is_number, load_model
+from lib.checks import MAX_EPOCHS, MAX_SIZE, UserError, is_int, is_number, load_model, unavailable
 from lib.data import DEFAULT_DATA_DIR, NUM_CLASSES, mnist_mismatch
 from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
@@ -212,13 +212,11 @@ def load_vae(path, map_location=None) -> tuple[VAE, dict]:
 
 def pick_device(name: str) -> torch.device:
     """'auto' takes cuda, then mps, then cpu; an explicit choice must be available."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (try --device auto)")
-    elif name == "mps" and not mps:
-        raise UserError("--device mps: MPS is not available (try --device auto)")
+        name = next(n for n in ("cuda", "mps", "cpu") if not unavailable(torch.device(n)))
+    why = unavailable(torch.device(name))
+    if why:
+        raise UserError(f"--device {name}: {why} (try --device auto)")
     return torch.device(name)
 
 

@@ -471,7 +471,7 @@ def test_api_arguments_are_validated():
             VAEConfig(**bad)
 
 
-def test_unavailable_device_is_named_not_called_corrupt(good):
+def test_unavailable_device_is_named_not_called_corrupt(good, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
@@ -479,6 +479,23 @@ def test_unavailable_device_is_named_not_called_corrupt(good):
     with pytest.raises(ValueError, match="not a device this code runs on"):
         VAE.from_checkpoint(good, map_location="meta")
     assert VAE.from_checkpoint(os.fsencode(good)).config == VAE.from_checkpoint(good).config  # a bytes path
+    c = torch.load(good, weights_only=True)
+    del c["model_config"]["latent_dim"]
+    torch.save(c, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad model config") as e:  # a bytes path is named as text
+        VAE.from_checkpoint(os.fsencode(tmp_path / "bad.pt"))
+    assert str(e.value).startswith(str(tmp_path / "bad.pt"))
+
+
+def test_device_choice_takes_the_first_available_and_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cli.pick_device("auto") == torch.device("cpu")
+    for name, why in (("cuda", "no CUDA device is available"), ("mps", "MPS is not available")):
+        with pytest.raises(ValueError, match=f"^--device {name}: {why}"):
+            cli.pick_device(name)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert cli.pick_device("auto") == torch.device("mps")
 
 
 def test_sample_quality_needs_two_images_for_its_covariances(good, capsys):
@@ -494,10 +511,11 @@ def test_memory_hungry_chunks_are_refused_up_front(good, capsys):
 @pytest.mark.parametrize("args", [["--seed", str(2**64)], ["--latent-dim", str(10**17)],
                                   ["--hidden-dim", str(10**9)], ["--channels", "4", str(10**9)],
                                   ["--epochs", str(10**12)], ["--batch-size", str(10**12)]])
-def test_overflowing_values_exit_2_in_one_line(args):
-    proc = run_script("train.py", *args)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_overflowing_values_exit_2_in_one_line(args, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's exit, as from the command line
+        cli.run(train.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
 
 
 # -- 5. the data folder ---------------------------------------------------------------------------

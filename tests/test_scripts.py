@@ -119,7 +119,7 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "20", "--limit", "50",
                           "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "binarized protocol" in printed and "bits/dim" in printed
+    assert "binarized protocol" in printed and "bits/dim" in printed and "moving average" not in printed
     r = json.loads(out.read_text())
     assert r["k"] == 20 and r["images"] == 50 and r["protocol"] == "binarized"
     assert r["nll"] <= r["neg_elbo"] + 1.0  # the IS bound is tighter than one-sample ELBO
@@ -127,6 +127,11 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert abs(r["neg_elbo"] - r["recon"] - r["kl"]) < 1e-6
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "missing.pt"], capsys)
     assert "no such checkpoint" in line and "python train.py" in line
+
+
+def test_evaluate_says_when_it_scores_the_averaged_weights(run_with_mixture, capsys):
+    assert evaluate.main(["--checkpoint", str(run_with_mixture), "--k", "2", "--limit", "5"]) == 0
+    assert "(epoch 1, the weights' moving average (--ema))" in capsys.readouterr().out
     assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
 
 
