@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         raise UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
                         f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
     test = load_test_set(args.data_dir, device, args.limit, binarize)
-    print(f"device: {device}; {scored(args, ckpt)}, {len(test):,} test images, "
+    print(f"device: {device}; {scored(args, ckpt)}, {cli.count(len(test), 'test image')}, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
 
     t0 = time.perf_counter()
@@ -87,8 +87,9 @@ def main(argv=None) -> int:
             train = train.binarized(BINARIZE_SEED + 1)  # one draw, not the test set's
         d = model.config.latent_dim
         if len(train) < args.prior_components * (d + 1):  # fewer points than a full covariance's parameters need
-            print(f"note: {len(train):,} training images for {args.prior_components} components of dimension {d}: under "
-                  f"{d + 1} per component, the mixture fits them too closely and its NLL is no fair score")
+            print(f"note: {cli.count(len(train), 'training image')} for {cli.count(args.prior_components, 'component')}"
+                  f" of dimension {d}: under {d + 1} per component, the mixture fits them too closely and its NLL is "
+                  "no fair score")
         fitted = fit_to_model(model, train.images, train.labels, args.prior_components, args.seed,
                               posterior_samples=True)
         priors.append(GaussianMixture(**fitted).to(device))
@@ -146,8 +147,8 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit)
     source = "a latent mixture" if model.latent_mixture is not None else "the prior (no latent mixture)"
-    print(f"device: {device}; {scored(args, ckpt)}: {args.samples:,} samples from "
-          f"{source} against {len(test_set):,} test images")
+    print(f"device: {device}; {scored(args, ckpt)}: {cli.count(args.samples, 'sample')} from "
+          f"{source} against {cli.count(len(test_set), 'test image')}")
     t0 = time.perf_counter()
     r = sample_scores(model, classifier, train_set, test_set, args.samples, args.seed)
     r = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "mixture": model.latent_mixture is not None,

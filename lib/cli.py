@@ -210,6 +210,11 @@ def load_vae(path, map_location=None) -> tuple[VAE, dict]:
     return model, ckpt
 
 
+def count(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs', '60,000 images': a number and its noun, for messages."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' takes cuda, then mps, then cpu; an explicit choice must be available."""
     if name == "auto":

@@ -78,11 +78,12 @@ def setup(args):
         args.epochs, stored_epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS, ckpt["args"]["epochs"]
         config = model.config
         if ckpt["epoch"] > args.epochs:
-            raise UserError(f"{path} already has {ckpt['epoch']} epochs: --epochs {args.epochs} cannot undo them; "
-                            f"pass --epochs above {ckpt['epoch']} to train on")
+            raise UserError(f"{path} already has {cli.count(ckpt['epoch'], 'epoch')}: --epochs {args.epochs} cannot "
+                            f"undo them; pass --epochs above {ckpt['epoch']} to train on")
         mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
         if ckpt["epoch"] == args.epochs and not mixture_missing:
-            print(f"{path} already has {ckpt['epoch']} epochs; pass --epochs above {ckpt['epoch']} to train on")
+            print(f"{path} already has {cli.count(ckpt['epoch'], 'epoch')}; pass --epochs above {ckpt['epoch']} "
+                  "to train on")
             yield None
             return
         if args.lr_decay is None and stored_epochs and ckpt["epoch"] < args.epochs != stored_epochs:  # cosine's end
@@ -138,8 +139,9 @@ def setup(args):
             run.on_disk = f"the last good checkpoint {path} is untouched"
             print(f"resuming {path} after " + (f"step {run.step} of {steps} in epoch {run.epoch + 1}" if run.step
                                                else f"epoch {run.epoch}"))
-        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_set):,} images, "
-              f"{args.epochs} epochs of {steps} steps" + (", dynamically binarized" if args.binarize else ""))
+        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
+              f"{cli.count(len(train_set), 'image')}, {cli.count(args.epochs, 'epoch')} of {cli.count(steps, 'step')}"
+              + (", dynamically binarized" if args.binarize else ""))
         if args.iw_k > 1 and args.iw_start >= args.epochs:
             print(f"note: --iw-start {args.iw_start} is not before --epochs {args.epochs}: the run ends before the "
                   "importance-weighted bound takes over")
@@ -148,7 +150,7 @@ def setup(args):
                   "(IWAE); train and test loss are the negative ELBO, the IW bound is logged beside them")
         if args.beta != 1.0 or args.kl_warmup:
             print(f"note: the objective weighs the KL by {args.beta:g}"
-                  + (f", ramped from 0 over {args.kl_warmup} epochs" if args.kl_warmup else "")
+                  + (f", ramped from 0 over {cli.count(args.kl_warmup, 'epoch')}" if args.kl_warmup else "")
                   + "; every loss reported is the true negative ELBO (weight 1)")
         yield run
 
