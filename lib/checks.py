@@ -26,6 +26,9 @@ MAX_EPOCHS = 1_000_000
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
+# a row of metrics per epoch, as the CSV beside the checkpoint has them
+METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
+IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
 
@@ -82,13 +85,16 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
         return None
     if labels is None:
         raise UserError("this VAE is conditional: pass labels (digit classes)")
-    labels = torch.as_tensor(labels, device=device)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise UserError(f"labels must be integer class numbers, got dtype {labels.dtype}")
-    labels = labels.long().reshape(-1)
+    try:
+        labels = torch.as_tensor(labels, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # a str, 2**70, a ragged list...
+        raise UserError(f"labels must be integer class numbers, got {labels!r:.60}") from None
     labels = labels.expand(n) if labels.numel() == 1 else labels
     if labels.shape[0] != n:
         raise UserError(f"got {labels.shape[0]} labels for a batch of {n}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UserError(f"labels must be integer class numbers, got dtype {labels.dtype}")
+    labels = labels.long()
     # Checked on the CPU only: on a GPU the comparison would stall the step on a host sync.
     if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"labels must be in [0, {num_classes - 1}]")
@@ -101,8 +107,8 @@ def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reductio
     float32 tensor [B, C, H, W] (B >= 1) of pixels in [0, 1] on the model's device; labels as `as_labels` takes them;
     ints k, chunk >= 1; the noise eps, a float tensor [k, B, latent_dim] on that device, but not float64 (the decoder's
     weights are not); a reduction; a finite beta >= 0; priors (one at least) whose log_prob maps [N, latent_dim] to
-    [N]; a generator as `check_generator` takes it. Pixels are checked on the CPU only: on a GPU the test would
-    stall the step on a host sync. Returns the labels as a tensor."""
+    [N]; a generator as `check_generator` takes it. Pixel values and finite noise are checked on the CPU only: on a GPU
+    the test would stall the step on a host sync. Returns the labels as a tensor."""
     config, device = model.config, model.device
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
@@ -130,14 +136,18 @@ def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reductio
         if not (low >= 0 and high <= 1):  # also catches NaN
             raise UserError(f"x must hold pixel values in [0, 1], got values in [{low.item():g}, "
                             f"{high.item():g}] (divide 0-255 grey levels by 255)")
+        if eps is not None and not torch.isfinite(eps).all():
+            raise UserError("eps must hold finite values (N(0, I) noise)")
     for p in [] if priors is None else priors or [None]:  # an empty list: refused as an object without log_prob
         try:
-            ok = tuple(p.log_prob(torch.zeros(2, config.latent_dim, device=device)).shape) == (2,)
+            out = p.log_prob(torch.zeros(2, config.latent_dim, device=device))
+            ok = tuple(out.shape) == (2,) and not out.isnan().any()
         except Exception:  # an object of the caller's: any failure of its log_prob means the same
             ok = False
         if not ok:
             raise UserError(f"prior must be None, an object whose log_prob maps latent codes [N, {config.latent_dim}] "
-                            f"on {device} to [N] (a GaussianMixture), or a non-empty list of these")
+                            f"on {device} to [N] log-densities, not NaN (a GaussianMixture), or a non-empty list of "
+                            "these")
     return as_labels(labels, config.num_classes, x.shape[0], x.device)
 
 
@@ -147,9 +157,9 @@ def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) 
     as `as_labels` takes them; returns the labels."""
     config, device = model.config, model.device
     if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
-                              and z.shape[1] == config.latent_dim):
+                              and z.shape[1] == config.latent_dim and len(z)):
         got = f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}"
-        raise UserError(f"z must be a float tensor [B, {config.latent_dim}], got {got}")
+        raise UserError(f"z must be a float tensor [B, {config.latent_dim}] with B >= 1, got {got}")
     check_device("z", z, device)
     if z is None and not (is_int(n) and n >= 1):
         raise UserError(f"n must be an int >= 1, got {n!r}")
@@ -208,7 +218,7 @@ def as_path(path, what: str = "checkpoint") -> str:
     try:
         return os.fsdecode(path)
     except TypeError:
-        raise UserError(f"a {what} path must be a str or an os.PathLike, got {type(path).__name__}") from None
+        raise UserError(f"a {what} path must be a str, bytes or an os.PathLike, got {type(path).__name__}") from None
 
 
 def read_archive(path, map_location=None, what: str = "checkpoint") -> dict:
@@ -322,8 +332,12 @@ def load_checkpoint(path, map_location=None) -> dict:
     require(isinstance(metrics, list) and len(metrics) == epoch, "metrics", f"expected one entry per epoch ({epoch})")
     for i, row in enumerate(metrics):
         require(isinstance(row, dict) and all(isinstance(k, str) and is_number(v) for k, v in row.items())
-                and row.get("epoch") == i + 1, f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}")
+                and row.get("epoch") == i + 1 and set(METRIC_FIELDS) <= set(row) <= set(METRIC_FIELDS + IW_FIELDS),
+                f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}, the fields "
+                f"{', '.join(METRIC_FIELDS)} (and {', '.join(IW_FIELDS)} with --iw-k)")
     require(isinstance(ckpt["args"], dict), "args", "not a dict")
+    require(not is_int(ckpt["args"].get("epochs")) or ckpt["args"]["epochs"] >= epoch, "args['epochs']",
+            f"{ckpt['args'].get('epochs')!r}, below the {epoch} epochs done")
     for key in ("optimizer", "rng", "latent_mixture"):
         require(ckpt[key] is None or isinstance(ckpt[key], dict), key, "not a dict")
     for k, state in (ckpt["rng"] or {}).items():
@@ -342,14 +356,21 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     if set(config) != expected:
         raise UserError(f"{path}: bad model config: expected the keys {', '.join(sorted(expected))}")
     try:
-        model = model_class(config_class(**config))
+        with torch.device("meta"):  # shapes only: a config far larger than the weights stored allocates nothing
+            shapes = {k: v.shape for k, v in model_class(config_class(**config)).state_dict().items()}
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model config ({first_line(e)})") from None
-    try:
-        for weights in (ckpt["model"], ckpt["ema"] or {}):  # both must fit; the average, if any, stays
-            model.load_state_dict(weights, strict=bool(weights))
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the stored model config ({first_line(e)})") from None
+    kept = ("model", "ema") if ckpt["ema"] is not None else ("model",)  # loaded in turn: the average, if any, stays
+    for key in kept:
+        for name in sorted(set(shapes) | set(ckpt[key])):
+            got, want = getattr(ckpt[key].get(name), "shape", None), shapes.get(name)
+            if got != want:
+                raise UserError(f"{path}: weights do not fit the stored model config: {key}[{name!r}] is "
+                                f"{'missing' if got is None else list(got)}, the config makes "
+                                f"{'none' if want is None else list(want)}")
+    model = model_class(config_class(**config))
+    for key in kept:
+        model.load_state_dict(ckpt[key])
     if ckpt["latent_mixture"] is not None:
         try:
             check_mixture(ckpt["latent_mixture"], model.config.latent_dim, max(1, model.config.num_classes))
@@ -371,6 +392,8 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
     if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
         raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
     require((ckpt["args"]["ema"] > 0) == (ckpt["ema"] is not None), "disagrees with args['ema']", "ema")
+    require(ckpt["args"]["iw_k"] > 1 or not any(set(IW_FIELDS) & set(row) for row in ckpt["metrics"]),
+            "rows with IW bounds, but args['iw_k'] is 1", "metrics")
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])
     except (RuntimeError, TypeError, ValueError) as e:

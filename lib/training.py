@@ -20,13 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lib import cli, files
-from lib.checks import FORMAT, UserError, check_resumable, with_checksums
+from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
 from lib.data import TensorDataset, load_test_set
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
-
-METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
-IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 
 
 @dataclass
@@ -222,7 +219,7 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, run: Run, epoch: in
 
 def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None, seconds: float = 0.0) -> None:
     """Write the checkpoint (atomically): the run after `epoch` complete epochs and `step` steps of
-    the next, whose per-step sums are stats[:step]; at an epoch boundary also the metrics CSV."""
+    the next, whose per-step sums are stats[:step]; then the metrics CSV of the complete epochs beside it."""
     ckpt = {
         "format": FORMAT, "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
         "ema": None if run.ema is None else run.ema.state_dict(),
@@ -233,13 +230,12 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
         "latent_mixture": None if run.evaluated.latent_mixture is None else run.evaluated.latent_mixture.state(),
     }
     files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
-    if step == 0:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ()), lineterminator="\n")
-        w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in run.metrics)
-        files.write_atomic(metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))
-        run.on_disk = f"the last good checkpoint {run.args.checkpoint} (epoch {epoch}) is untouched"
+    buf = io.StringIO()  # written mid-epoch too: an --overwrite stopped in its first epoch leaves no old rows
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ()), lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in run.metrics)
+    files.write_atomic(metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))
+    run.on_disk = f"the last good checkpoint {run.args.checkpoint} (epoch {epoch}) is untouched"
 
 
 def fit_latent_mixture(run: Run) -> None:

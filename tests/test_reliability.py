@@ -19,7 +19,7 @@ import evaluate
 import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
-from lib import cli, data
+from lib import cli, data, training
 from lib.checks import FORMAT, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
 from model import VAE, VAEConfig
@@ -118,6 +118,24 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 1
     assert train.main(["--epochs", "3", "--checkpoint", str(ckpt), "--resume"]) == 0
     assert_same_run(reference, ckpt)
+
+
+def test_an_overwrite_stopped_in_its_first_epoch_keeps_no_rows_of_the_old_run(tmp_path, monkeypatch):
+    ckpt = tmp_path / "run.pt"
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 1
+    real, calls = training.learning_rate, [0]
+
+    def stop_at_step_3(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(training, "learning_rate", stop_at_step_3)
+    assert train.main([*TINY, "--epochs", "1", "--overwrite", "--checkpoint", str(ckpt)]) == 130
+    c = load_checkpoint(ckpt)
+    assert (c["epoch"], c["step"]) == (0, 3) and read_csv(tmp_path / "run.pt.metrics.csv") == []
 
 
 def test_sigkill_anywhere_keeps_last_complete_checkpoint(reference, tmp_path):
@@ -253,6 +271,24 @@ def test_broken_checkpoints_give_one_line(tmp_path, capsys):
         for main, extra in ((generate.main, []), (train.main, ["--resume", "--epochs", 5])):
             line = cli_error(main, ["--checkpoint", tmp_path / name, *extra], capsys)
             assert str(tmp_path / name) in line and what in line, line
+
+
+def test_a_config_its_weights_do_not_fit_is_refused_before_the_model_is_built(good, tmp_path, monkeypatch):
+    """A crafted model_config far larger than the stored weights would allocate it all (the process killed for
+    memory) if the model were built before the weights' shapes are compared: only its shapes are made."""
+    c = torch.load(good, weights_only=True)
+    c["model_config"].update(hidden_dim=1024, channels=[64, 128])  # small enough to survive a regression
+    torch.save(c, tmp_path / "big.pt")
+    built, init = [], VAE.__init__
+
+    def recording(self, *args, **kwargs):
+        built.append(torch.empty(0).device.type)  # where this construction allocates
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "__init__", recording)
+    with pytest.raises(ValueError, match=r"weights do not fit the stored model config: model\['\w"):
+        VAE.from_checkpoint(tmp_path / "big.pt")
+    assert built == ["meta"]
 
 
 def test_second_training_on_same_checkpoint_refuses(tmp_path, capsys):
@@ -459,6 +495,12 @@ def test_api_arguments_are_validated():
         (lambda: m.encode(x.to("meta")), "x is on meta"), (lambda: m.decode(torch.randn(3, 2, device="meta")), "z is on"),
         (lambda: m.loss(x, eps=torch.randn(1, 3, 2, device="meta")), "eps is on"),
         (lambda: VAE.from_checkpoint(None), "path must be"), (lambda: VAE.from_checkpoint(3), "path must be"),
+        (lambda: c.encode(x, "7"), "integer"), (lambda: c.encode(x, 2**70), "integer"),
+        (lambda: c.encode(x, [[1], [2, 3]]), "integer"), (lambda: c.sample(3, []), "got 0 labels for a batch of 3"),
+        (lambda: m.loss(x, eps=torch.full((1, 3, 2), float("nan"))), "eps must hold finite"),
+        (lambda: m.decode(torch.zeros(0, 2)), "B >= 1"),
+        (lambda: m.log_likelihood(x, k=2, prior=type("P", (), {"log_prob": lambda self, z: z.sum(1) * float("nan")})()),
+         "not NaN"),
     ]
     for call, what in bad_calls:
         with pytest.raises(ValueError, match=what):
@@ -614,6 +656,10 @@ def variants(c):
     mid["partial"] = torch.zeros(1, 2)  # running sums without the objective's column
     yield "partial columns", mid, ALL
     yield "metrics value", put(("metrics", 0, "test_loss"), "x"), ALL
+    yield "metrics field missing", put(("metrics", 0, "test_loss"), KeyError), ALL
+    yield "metrics field unknown", put(("metrics", 0, "foo"), 1.0), ALL  # the CSV has no column for it
+    yield "metrics IW bound without --iw-k", put(("metrics", 0, "test_iw"), 90.0), RESUME
+    yield "args.epochs below the epochs done", put(("args", "epochs"), 0), ALL
     # The run's flags: train.py --resume reads them all; the other scripts binarize and limit.
     for key, bad in (("batch_size", INT_BAD[:-1]), ("seed", INT_BAD[:-1]), ("lr", FLOAT_BAD),
                      ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
