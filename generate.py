@@ -5,8 +5,9 @@
 
 The model is rebuilt from the checkpoint alone; same seed, same images. GRIDS: test digits above their
 reconstructions; samples from the latent mixture (else the prior) and from the prior, a row per digit if
-conditional; interpolations between posterior means; a traversal of each active latent dimension over [-3, 3];
-for a 2-d latent the manifold, decoder means on a normal inverse-CDF grid of z (Kingma & Welling 2014, fig. 4).
+conditional; interpolations between posterior means; a traversal of each active latent dimension (up to 16; if
+none is active, the one of highest KL) over [-3, 3]; for a 2-d latent the manifold, decoder means on a normal
+inverse-CDF grid of z (Kingma & Welling 2014, fig. 4).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                    help="of the project's step, as in train.py (auto: bf16 where it is the faster "
                         "arithmetic); the conventional pipeline is always fp32")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the project's step (as train.py --compile), in both "
+                   help="torch.compile the objective of the project's step (as train.py --compile), in both "
                         "pipelines that use it")
     p.add_argument("--malloc-defaults", action="store_true",
                    help="leave glibc's malloc settings alone (train.py tunes them: "

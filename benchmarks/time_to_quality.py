@@ -81,7 +81,9 @@ def main(argv=None) -> int:
                         "vae/main.py")
     train = cli.Parser("", cli.TRAIN_FLAGS)
     train.prog = "train.py"
-    ensure_mnist(train.parse_args(args.train_args).data_dir)  # bad flags or data now, not after the tutorial
+    flags = train.parse_args(args.train_args)
+    cli.check_flags(flags)  # bad flags, rules between them included, or data now, not after the tutorial
+    ensure_mnist(flags.data_dir)
     signal.signal(signal.SIGTERM, interrupted)
     with tempfile.TemporaryDirectory() as tmp:
         # The tutorial reads ../data/MNIST/raw relative to where it runs and writes results/.

@@ -154,8 +154,8 @@ def ensure_mnist(data_dir=DEFAULT_DATA_DIR) -> str:
 
 def load_split(split: str, data_dir=DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) on the CPU, for split 'train' or 'test': the same tensors as
-    torchvision.datasets.MNIST(data_dir).data and .targets (a test checks), decoded from the verified bytes without
-    a copy (torchvision would parse every file again)."""
+    torchvision.datasets.MNIST(data_dir).data (with a channel dim) and .targets (a test checks), decoded from the
+    verified bytes without a copy (torchvision would parse every file again)."""
     assert split in ("train", "test"), split
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]

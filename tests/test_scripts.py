@@ -333,6 +333,7 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
         for args, code, what in ((["--tutorial"], 2, "expected one argument"),
                                  (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
                                  (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
+                                 (["--tutorial", tutorial, "--", "--iw-start", "2"], 1, "--iw-k is 1"),
                                  (["--tutorial", silent], 1, "printed no test loss")):
             got, _, err = run(*args)
             assert got == code and err.count("\n") == 1 and what in err and "Traceback" not in err, (args, err)
