@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.keep_freed_memory()
     if args.json is not None:
-        check_output_path(args.json, "JSON results", devices_ok=True)  # before the work, not after it
+        check_output_path(args.json, "JSON results", devices_ok=True,  # before the work, not after it
+                          reads=(args.checkpoint, args.classifier))
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     binarize, conditional = ckpt["args"]["binarize"], model.config.num_classes > 0
@@ -99,34 +100,37 @@ def main(argv=None) -> int:
     # One decoder pass scores all priors from the same samples: the model's own NLL is unchanged by --prior-components.
     nll, *nll_prior = importance_nll(model, test, args.k, args.chunk, args.batch_size, args.seed, priors)
     result = {
-        "checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "k": args.k, "images": len(test),
+        "checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "step": ckpt["step"], "k": args.k, "images": len(test),
         "protocol": "binarized" if binarize else "grey-level", "conditional": conditional,
         "nll": nll, "bits_per_dim": nll / (model.config.num_pixels * math.log(2)),
         "neg_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"], "seconds": time.perf_counter() - t0,
     }
     own = f"a learned flow (L = {model.config.flow_prior} coupling layers)" if model.config.flow_prior else "N(0, I)"
-    print(f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}, "
-          f"prior {own} (the model's own)")
-    print(f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} (one posterior sample)")
+    lines = [f"NLL {nll:.2f} nats/image ({result['bits_per_dim']:.4f} bits/dim), importance-sampled, K = {args.k}, "
+             f"prior {own} (the model's own)",
+             f"negative ELBO {elbo['loss']:.2f} = recon {elbo['recon']:.2f} + KL {elbo['kl']:.2f} (one posterior "
+             "sample)"]
     if args.prior_components:
         result.update(prior_components=args.prior_components, nll_mixture_prior=nll_prior[0],
                       prior_fit_seconds=fit_seconds, prior_fit_images=fit_images)
-        print(f"NLL {nll_prior[0]:.2f} nats/image with a {args.prior_components}-component mixture prior fitted "
-              f"to {fit_images:,} training images' posterior samples ({fit_seconds:.0f} s to fit), K = {args.k}")
-    return write_json(args.json, result)
+        lines.append(f"NLL {nll_prior[0]:.2f} nats/image with a {args.prior_components}-component mixture prior fitted "
+                     f"to {fit_images:,} training images' posterior samples ({fit_seconds:.0f} s to fit), K = {args.k}")
+    return finish(args.json, result, lines)
 
 
 def scored(args, ckpt: dict) -> str:
-    """What is scored, for the headers: the checkpoint, its epochs, and which of its weights."""
+    """What is scored, for the headers: the checkpoint, its epochs (and steps), and which of its weights."""
+    steps = f" and {cli.count(ckpt['step'], 'step')} of the next" if ckpt["step"] else ""
     ema = ", the weights' moving average (--ema)" if ckpt["ema"] is not None else ""
-    return f"{args.checkpoint} (epoch {ckpt['epoch']}{ema})"
+    return f"{args.checkpoint} (epoch {ckpt['epoch']}{steps}{ema})"
 
 
-def write_json(path: str | None, result: dict) -> int:
-    """Write the results to --json, if given (its path was checked before the work)."""
+def finish(path: str | None, result: dict, lines: list[str]) -> int:
+    """Write the results to --json, if given (its path was checked before the work), then print them: the file
+    comes first, so an output pipe closed early (`| head -1`) cannot lose the work."""
     if path is not None:
         write_atomic(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-        print(f"wrote {path}")
+    print("\n".join(lines + ([f"wrote {path}"] if path is not None else [])))
     return 0
 
 
@@ -151,19 +155,20 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
           f"{source} against {cli.count(len(test_set), 'test image')}")
     t0 = time.perf_counter()
     r = sample_scores(model, classifier, train_set, test_set, args.samples, args.seed)
-    r = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "mixture": model.latent_mixture is not None,
-         **r, "seconds": time.perf_counter() - t0}
-    print(f"fd {r['fd']:.2f}  (Fréchet distance to the test images; prior samples: fd_prior "
-          f"{r['fd_prior']:.2f}; test images against training images: {r['fd_floor']:.2f})")
-    print(f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} if all digits are as common)")
+    r = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "step": ckpt["step"],
+         "mixture": model.latent_mixture is not None, **r, "seconds": time.perf_counter() - t0}
+    lines = [f"fd {r['fd']:.2f}  (Fréchet distance to the test images; prior samples: fd_prior "
+             f"{r['fd_prior']:.2f}; test images against training images: {r['fd_floor']:.2f})",
+             f"class_entropy {r['class_entropy']:.3f}  (ln 10 = {r['max_class_entropy']:.3f} if all digits are as "
+             "common)"]
     if r["digit_accuracy"] is not None:
         per_digit = r["digit_accuracy_per_digit"]
         worst = min((d for d in range(len(per_digit)) if per_digit[d] is not None), key=per_digit.__getitem__)
-        print(f"digit_accuracy {r['digit_accuracy']:.4f}  (samples classified as the digit asked for; lowest: "
-              f"digit {worst}, {r['digit_accuracy_per_digit'][worst]:.4f})")
-    print(f"nn_samples {r['nn_samples']:.3f}  nn_test_recon {r['nn_test_recon']:.3f}  (median L2 distance "
-          f"to the nearest training image; test images: {r['nn_test']:.3f})")
-    return write_json(args.json, r)
+        lines.append(f"digit_accuracy {r['digit_accuracy']:.4f}  (samples classified as the digit asked for; lowest: "
+                     f"digit {worst}, {r['digit_accuracy_per_digit'][worst]:.4f})")
+    lines.append(f"nn_samples {r['nn_samples']:.3f}  nn_test_recon {r['nn_test_recon']:.3f}  (median L2 distance "
+                 f"to the nearest training image; test images: {r['nn_test']:.3f})")
+    return finish(args.json, r, lines)
 
 
 if __name__ == "__main__":

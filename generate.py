@@ -30,13 +30,15 @@ INTERP_STEPS, INTERP_PAIRS = 10, 8
 TRAVERSE = torch.linspace(-3, 3, 11)  # prior standard deviations
 MAX_TRAVERSED = 16  # rows of traversal.png at most
 MANIFOLD_SIDE = 20
+MAX_SAMPLES = 256  # --n: a grid is a picture, not a dataset (VAE.sample draws more); all are decoded at once
 
 
 def build_parser() -> cli.Parser:
     p = cli.Parser("Write reconstruction, sample and latent grids.")
     cli.add_common(p, seed_help="same seed, same images")
     p.add_argument("--out", default="generated_images", help="folder for the PNG files")
-    p.add_argument("--n", type=cli.Number(int, 1, 10000), default=64, help="samples (per digit if conditional)")
+    p.add_argument("--n", type=cli.Number(int, 1, MAX_SAMPLES), default=64,
+                   help=f"samples (per digit if conditional), decoded at once: at most {MAX_SAMPLES}")
     p.add_argument("--digit", type=cli.Number(int, 0, NUM_CLASSES - 1), default=None, help="conditional: only this digit")
     return p
 

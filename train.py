@@ -10,6 +10,7 @@ image: the Bernoulli reconstruction NLL plus the KL (Kingma & Welling 2014), sam
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
             training.fit_latent_mixture(run)
     except training.Interrupted as e:
         if run is None:
-            return training.report(e.args[0], "before training started", "no checkpoint was written")
+            kept = f"{args.checkpoint} is as it was" if os.path.exists(args.checkpoint) else "no checkpoint was written"
+            return training.report(e.args[0], "before training started", kept)
         return training.report(e.args[0], "while fitting the latent mixture",
                                f"{args.checkpoint} holds the trained model without it; "
                                + training.resume_hint(args) + " (fits it)")

@@ -336,8 +336,8 @@ def load_checkpoint(path, map_location=None) -> dict:
                 f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}, the fields "
                 f"{', '.join(METRIC_FIELDS)} (and {', '.join(IW_FIELDS)} with --iw-k)")
     require(isinstance(ckpt["args"], dict), "args", "not a dict")
-    require(not is_int(ckpt["args"].get("epochs")) or ckpt["args"]["epochs"] >= epoch, "args['epochs']",
-            f"{ckpt['args'].get('epochs')!r}, below the {epoch} epochs done")
+    require(not is_int(ckpt["args"].get("epochs")) or ckpt["args"]["epochs"] >= epoch + (step > 0), "args['epochs']",
+            f"{ckpt['args'].get('epochs')!r}, below the epochs done ({epoch}, and {step} steps)")
     for key in ("optimizer", "rng", "latent_mixture"):
         require(ckpt[key] is None or isinstance(ckpt[key], dict), key, "not a dict")
     for k, state in (ckpt["rng"] or {}).items():

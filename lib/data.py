@@ -123,7 +123,8 @@ def _download(data_dir: str) -> None:
 def _read_or_download(data_dir: str, names) -> list[bytearray]:
     raw = raw_dir(data_dir)
     if not os.path.isdir(data_dir):
-        raise UserError(f"{data_dir}: no such data folder; pass --data-dir pointing at a folder that "
+        why = "not a folder" if os.path.exists(data_dir) else "no such data folder"
+        raise UserError(f"{data_dir or repr(data_dir)}: {why}; pass --data-dir pointing at a folder that "
                         "holds MNIST/raw/ (the project ships one in dataset/)")
     found = [read_file(raw, name) for name in names]
     missing = [name + ".gz" for name, got in zip(names, found) if got is None]

@@ -16,16 +16,19 @@ from lib.checks import UserError
 TMP_SUFFIX = ".tmp"
 
 
-def check_output_path(path, what: str = "output file", devices_ok: bool = False) -> str:
+def check_output_path(path, what: str = "output file", devices_ok: bool = False, reads=()) -> str:
     """The one check of an output path, before any work: refuse, in one line, an empty path, a folder, a special
-    file (with devices_ok, a character device or a pipe passes: write_atomic writes to it directly), an unwritable
-    file, a folder that cannot be made or written, or a name too long for write_atomic's temp file."""
+    file (with devices_ok, a character device or a pipe passes: write_atomic writes to it directly), one of the files
+    the command reads (`reads`, which the output would destroy), an unwritable file, a folder that cannot be made or
+    written, or a name too long for write_atomic's temp file."""
     path = os.fspath(path)
     if not path:
         raise UserError(f"empty path given for the {what}")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, expected a path for the {what}")
     target = os.path.realpath(path)
+    if any(os.path.realpath(os.fspath(r)) == target for r in reads):
+        raise UserError(f"{path}: is a file this command reads; refused to replace it with the {what}")
     if os.path.exists(target):
         mode = os.stat(target).st_mode
         if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
@@ -127,14 +130,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def modified(path) -> int | None:
+    """The modification time of `path` in ns, None if it is not a file: what Lock(read_at=) compares."""
+    return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+
+
 class Lock:
     """An exclusive lock on `<path>.lock`, so two trainings cannot write one checkpoint. The OS releases a flock when
-    its process dies (SIGKILL included), so a stale lock file never blocks the next run. No flock (Windows): no lock."""
+    its process dies (SIGKILL included), so a stale lock file never blocks the next run. No flock (Windows): no lock.
+    read_at: `modified(path)` when the caller read the file before locking it; if another process has replaced it
+    since, the lock is refused in one line (what was read is stale)."""
 
     _fd = None  # the locked file, while held
 
-    def __init__(self, path):
-        self.path = os.path.realpath(os.fspath(path)) + ".lock"  # beside the file write_atomic replaces
+    def __init__(self, path, read_at: int | None = None):
+        self.file, self.read_at = os.fspath(path), read_at
+        self.path = os.path.realpath(self.file) + ".lock"  # beside the file write_atomic replaces
 
     def __enter__(self):
         try:
@@ -155,6 +166,9 @@ class Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        if self.read_at is not None and modified(self.file) != self.read_at:
+            self.__exit__()
+            raise UserError(f"{self.file}: changed since it was read, by another process; run this again")
         return self
 
     def __exit__(self, *exc):

@@ -63,20 +63,21 @@ def setup(args):
     own flags; None if it has nothing left to do. Everything that can fail on the input (flags,
     every checkpoint field, paths, data, device) is checked before anything is written, and the
     checkpoint is read once; then the checkpoint's lock is held until the block ends."""
-    path, ckpt, model = args.checkpoint, None, None
+    path, ckpt, model, stamp = args.checkpoint, None, None, None
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --checkpoint, --overwrite starts it afresh: pass one of them")
     files.check_output_path(path, "checkpoint")
     if args.resume:
-        stamp = os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+        stamp = files.modified(path)  # the file read: another process may replace it before the lock is held
         model, ckpt = cli.load_vae(path, map_location="cpu")
         check_resumable(ckpt, path, list(model.parameters()))
         restore_flags(args, ckpt["args"])
         args.epochs, stored_epochs = args.epochs or ckpt["args"]["epochs"] or cli.EPOCHS, ckpt["args"]["epochs"]
         config = model.config
-        if ckpt["epoch"] > args.epochs:
-            raise UserError(f"{path} already has {cli.count(ckpt['epoch'], 'epoch')}: --epochs {args.epochs} cannot "
-                            f"undo them; pass --epochs above {ckpt['epoch']} to train on")
+        if ckpt["epoch"] > args.epochs or ckpt["epoch"] == args.epochs and ckpt["step"]:  # steps done count too
+            done = cli.count(ckpt["epoch"], "epoch") + (f" and {ckpt['step']} steps" if ckpt["step"] else "")
+            raise UserError(f"{path} already has {done}: --epochs {args.epochs} cannot undo them; pass --epochs above "
+                            f"{ckpt['epoch']} to train on")
         mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
         if ckpt["epoch"] == args.epochs and not mixture_missing:
             print(f"{path} already has {cli.count(ckpt['epoch'], 'epoch')}; pass --epochs above {ckpt['epoch']} "
@@ -101,9 +102,7 @@ def setup(args):
     if ckpt is not None and ckpt["step"] >= steps:
         raise UserError(f"{path}: bad checkpoint field step: {ckpt['step']}, but an epoch has {steps} steps")
     bf16 = cli.pick_precision(args.precision, device)
-    with files.Lock(path):
-        if ckpt is not None and os.stat(path).st_mtime_ns != stamp:
-            raise UserError(f"{path}: changed while this run started; run it again")
+    with files.Lock(path, read_at=stamp):
         files.remove_stale_temp_files(path)  # only its own, of processes no longer alive
         print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
               + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")

@@ -19,7 +19,7 @@ import evaluate
 import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
-from lib import cli, data, training
+from lib import cli, data, files, training
 from lib.checks import FORMAT, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
 from model import VAE, VAEConfig
@@ -104,7 +104,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code):
+def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code, capsys):
     ckpt = tmp_path / "run.pt"
     at = 128 + 37  # epoch 2, step 37
     proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt], SIGNAL_AT.format(root=ROOT, name="learning_rate", n=at, sig=int(sig)))
@@ -116,6 +116,8 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     c = load_checkpoint(ckpt)
     assert (c["epoch"], c["step"]) == (1, 37)  # stopped mid-epoch, state saved there
     assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 1
+    line = cli_error(train.main, ["--epochs", "1", "--checkpoint", ckpt, "--resume"], capsys)  # the 37 steps stay
+    assert "already has 1 epoch and 37 steps: --epochs 1 cannot undo them" in line
     assert train.main(["--epochs", "3", "--checkpoint", str(ckpt), "--resume"]) == 0
     assert_same_run(reference, ckpt)
 
@@ -184,6 +186,14 @@ def test_signal_while_loading_the_data_writes_nothing(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and len(lines) == 1 and "no checkpoint was written" in lines[0], err
     assert not (tmp_path / "new").exists()
+    ckpt = tmp_path / "done.pt"  # a resume stopped as early: the checkpoint it continues is named, untouched
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    before = ckpt.read_bytes()
+    proc = start(["--resume", "--epochs", "2", "--checkpoint", ckpt],
+                 SIGNAL_AT.format(root=ROOT, name="load_test_set", n=1, sig=int(signal.SIGINT)))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == f"SIGINT before training started: {ckpt} is as it was", err
+    assert ckpt.read_bytes() == before
 
 
 def test_each_checkpoint_has_its_own_metrics_file(tmp_path):
@@ -299,6 +309,28 @@ def test_second_training_on_same_checkpoint_refuses(tmp_path, capsys):
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0  # lock released
 
 
+def test_a_checkpoint_replaced_after_it_was_read_is_not_written_over(good, tmp_path, monkeypatch, capsys):
+    """tools/fit_mixture.py (as train.py --resume) reads the checkpoint before it takes the lock: if a training
+    saved the file in between, what was read is stale, and writing it back would undo that save."""
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(good.read_bytes())
+    real = cli.load_vae
+
+    def load_then_replaced(path, **kwargs):
+        loaded = real(path, **kwargs)
+        later = files.modified(path) + 10**9
+        os.utime(path, ns=(later, later))  # another process saved it meanwhile
+        return loaded
+
+    monkeypatch.setattr(cli, "load_vae", load_then_replaced)
+    before = ckpt.read_bytes()
+    for main, args in ((fit_mixture.main, []), (train.main, ["--resume", "--epochs", "2"])):
+        line = cli_error(main, ["--checkpoint", ckpt, *args], capsys)
+        assert "changed since it was read" in line and ckpt.read_bytes() == before, line
+    with Lock(ckpt, read_at=files.modified(ckpt)):  # each refusal released the lock
+        pass
+
+
 def test_output_folders_created_or_clear_error(tmp_path, capsys):
     deep = tmp_path / "a" / "b" / "vae.pt"
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(deep)]) == 0 and deep.exists()
@@ -318,8 +350,8 @@ def good(mixture_run):
 def tree(folder):
     """Every file under folder with its bytes and mode: to show nothing on disk changed."""
     out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
+    for root, _, names in os.walk(folder):
+        for f in names:
             p = os.path.join(root, f)
             with open(p, "rb") as fh:
                 out[p] = (fh.read(), os.stat(p).st_mode)
@@ -586,6 +618,9 @@ def test_missing_data_dir_leaves_no_folders(tmp_path, capsys):
     assert "none.pt" in line  # the checkpoint is checked first
     line = cli_error(train.main, [*TINY, "--data-dir", missing, "--checkpoint", tmp_path / "r.pt"], capsys)
     assert "no such data folder" in line and not missing.exists()
+    (tmp_path / "file").write_text("")
+    for where, why in ((tmp_path / "file", "not a folder"), ("", "'': no such data folder")):
+        assert why in cli_error(train.main, [*TINY, "--data-dir", where, "--checkpoint", tmp_path / "r.pt"], capsys)
 
 
 # -- 7. every field of a checkpoint is untrusted ---------------------------------------------------

@@ -21,7 +21,7 @@ from lib.evaluation import load_classifier
 from lib.data import TensorDataset, load_test_set
 from lib.evaluation import active_dimensions, classify, frechet_distance
 from model import VAE
-from tools import fit_mixture
+from tools import fit_mixture, train_classifier
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -89,7 +89,7 @@ def test_bad_train_values_give_one_line_and_exit_2(args, flag, capsys):
     assert err.count("\n") == 1 and flag in err and "error" in err
 
 
-@pytest.mark.parametrize("args", [["--n", "0"], ["--digit", "10"], ["--seed", "-1"], ["--device", "gpu"]])
+@pytest.mark.parametrize("args", [["--n", "0"], ["--n", "257"], ["--digit", "10"], ["--seed", "-1"], ["--device", "gpu"]])
 def test_bad_generate_values_exit_2(args, capsys):
     with pytest.raises(SystemExit) as e:
         generate.main(args)
@@ -132,6 +132,28 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
 def test_evaluate_says_when_it_scores_the_averaged_weights(run_with_mixture, capsys):
     assert evaluate.main(["--checkpoint", str(run_with_mixture), "--k", "2", "--limit", "5"]) == 0
     assert "(epoch 1, the weights' moving average (--ema))" in capsys.readouterr().out
+
+
+def test_results_reach_the_json_file_before_a_closed_pipe_stops_the_printing(binarized_run, tmp_path, monkeypatch):
+    def closed_pipe(*args, **kwargs):  # `evaluate.py ... | head -1`: the reader has left
+        if str(args[0]).startswith("NLL"):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(evaluate, "print", closed_pipe, raising=False)
+    out = tmp_path / "r.json"
+    with pytest.raises(BrokenPipeError):
+        evaluate.main(["--checkpoint", str(binarized_run), "--k", "2", "--limit", "5", "--json", str(out)])
+    assert json.loads(out.read_text())["k"] == 2
+
+
+def test_outputs_never_replace_what_a_script_reads(run_with_mixture, tmp_path, capsys):
+    before = run_with_mixture.read_bytes()
+    (tmp_path / "link.json").symlink_to(run_with_mixture)
+    for out in (run_with_mixture, tmp_path / "link.json"):
+        line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--k", 2, "--limit", 5, "--json", out], capsys)
+        assert "a file this command reads" in line
+    line = cli_error(train_classifier.main, ["--out", run_with_mixture], capsys)
+    assert "holds no classifier weights" in line and run_with_mixture.read_bytes() == before
     assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
 
 

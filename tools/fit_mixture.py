@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib import cli  # noqa: E402
 from lib.checks import UserError, with_checksums  # noqa: E402
 from lib.data import TensorDataset  # noqa: E402
-from lib.files import Lock, save_atomic  # noqa: E402
+from lib.files import Lock, modified, save_atomic  # noqa: E402
 from lib.mixture import (DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS,  # noqa: E402
                          default_components, describe, fit_to_model)
 
@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.keep_freed_memory()
     device = cli.pick_device(args.device)
+    stamp = modified(args.checkpoint)
     model, ckpt = cli.load_vae(args.checkpoint, map_location="cpu")  # a bad file: refused before the lock
-    with Lock(args.checkpoint):
+    with Lock(args.checkpoint, read_at=stamp):
         model.to(device)
         k = default_components(model.config.num_classes) if args.components is None else args.components
         ckpt["args"]["mixture_components"] = k  # the run's own choice from now on: a --resume keeps it

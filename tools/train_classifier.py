@@ -15,7 +15,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib import cli  # noqa: E402
-from lib.evaluation import DEFAULT_WEIGHTS, DigitClassifier, sha256_of  # noqa: E402
+from lib.checks import UserError  # noqa: E402
+from lib.evaluation import DEFAULT_WEIGHTS, DigitClassifier, load_classifier, sha256_of  # noqa: E402
 from lib.data import TensorDataset, load_test_set  # noqa: E402
 from lib.files import check_output_path, save_atomic  # noqa: E402
 from lib.training import epoch_permutation  # noqa: E402
@@ -44,6 +45,11 @@ def accuracy(model: DigitClassifier, data: TensorDataset) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_output_path(args.out, "classifier weights")
+    if os.path.isfile(args.out):  # replaced only if it holds a classifier: never a checkpoint by mistake
+        try:
+            load_classifier(args.out, check_sha256=False)
+        except UserError:
+            raise UserError(f"{args.out}: exists and holds no classifier weights; refused to replace it") from None
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device)
     test_set = load_test_set(args.data_dir, device)
