@@ -183,17 +183,21 @@ class GaussianMixture(nn.Module):
     def state(self) -> dict:
         return {name: getattr(self, name).cpu() for name in ("weights", "means", "scale_tril")}
 
-    def sample(self, n: int, generator: torch.Generator | None = None, group: int = 0) -> torch.Tensor:
-        """[n, d] from one group: n component draws by weight (torch.multinomial), then n normal
+    def _group(self, group: int | None) -> int:
+        assert group is not None or len(self.weights) == 1, "a mixture per class is p(z|y): name the group (class)"
+        return group or 0
+
+    def sample(self, n: int, generator: torch.Generator | None = None, group: int | None = None) -> torch.Tensor:
+        """[n, d] from one group (None: the only one): n component draws by weight (torch.multinomial), then n normal
         draws (torch.randn), z = mean + L eps, in that order (what "same seed, same images" rests on)."""
-        w, m, L = self.weights[group], self.means[group], self.scale_tril[group]
+        w, m, L = (t[self._group(group)] for t in (self.weights, self.means, self.scale_tril))
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
         eps = torch.randn(n, m.shape[1], generator=generator, device=m.device)
         return m[comp] + (L[comp] @ eps.unsqueeze(-1)).squeeze(-1)
 
-    def log_prob(self, z: torch.Tensor, group: int = 0) -> torch.Tensor:
-        """log p(z) in nats under one group, computed in float64, returned fp32: [..., d] -> [...]."""
-        w, m, L = (getattr(self, name)[group].double() for name in ("weights", "means", "scale_tril"))
+    def log_prob(self, z: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        """log p(z) in nats under one group (None: the only one), in float64, returned fp32: [..., d] -> [...]."""
+        w, m, L = (t[self._group(group)].double() for t in (self.weights, self.means, self.scale_tril))
         flat = z.reshape(-1, z.shape[-1]).double()
         return torch.logsumexp(log_normal(flat, m, L) + w.log(), dim=1).float().view(z.shape[:-1])
 
@@ -249,13 +253,13 @@ class VAE(nn.Module):
                 *blocks(c2),
                 nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), *blocks(c1),
                 nn.ConvTranspose2d(c1, c.image_channels, 4, stride=2, padding=1),
-            )  # [B, c2, s, s] -> [B, C, H, W] logits
+            )  # [B, c2, s, s] -> [B, C, H, W] logits; the last layer's bias is the one --output-bias sets
         else:
             # The pytorch/examples VAE is this with hidden_dim=400, latent_dim=20, ReLU.
             self.enc_body = nn.Flatten()
             self.enc_head = nn.Sequential(nn.Linear(c.num_pixels + k, c.hidden_dim), act())
             self.dec_head = nn.Sequential(nn.Linear(c.latent_dim + k, c.hidden_dim), act(),
-                                          nn.Linear(c.hidden_dim, c.num_pixels))
+                                          nn.Linear(c.hidden_dim, c.num_pixels))  # its bias: --output-bias
             self.dec_body = nn.Identity()
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)
         self.prior = (FlowPrior(c.flow_prior, c.latent_dim, c.hidden_dim, act) if c.flow_prior
@@ -289,9 +293,9 @@ class VAE(nn.Module):
 
     def _log_weights(self, x, labels, mu, logvar, eps, priors):
         """The two parts of the log importance weights of z_k = mu + sigma * eps_k, eps [K, B, d]:
-        log p(x|z_k) [K, B] and log p(z_k) - log q(z_k|x) [P, K, B], one row per prior. Their sum is
-        the log weight of Burda et al. (2015), eq. 8. The decoder (the costly part) runs once for
-        all priors; the densities are fp32 whatever the decoder's precision."""
+        log p(x|z_k) [K, B] and log p(z_k) - log q(z_k|x) [P, K, B], one row per prior (its log_prob given z as
+        [K * B, d]). Their sum is the log weight of Burda et al. (2015), eq. 8. The decoder (the costly part) runs
+        once for all priors; the densities are fp32 whatever the decoder's precision."""
         k, b, d = eps.shape
         z = reparameterize(mu, logvar, eps)  # [K, B, d]
         # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
@@ -299,7 +303,7 @@ class VAE(nn.Module):
         target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         log_px_z = -bernoulli_nll(logits.float(), target.float()).view(k, b)
         log_q = (-0.5 * (eps.float().pow(2) + logvar.float() + LOG_2PI)).sum(-1)
-        return log_px_z, torch.stack([prior.log_prob(z) for prior in priors]) - log_q
+        return log_px_z, torch.stack([prior.log_prob(z.reshape(k * b, d)).view(k, b) for prior in priors]) - log_q
 
     def loss(self, x, labels=None, k: int = 1, beta: float = 1.0, eps: torch.Tensor | None = None,
              reduction: str = "mean") -> LossParts:
@@ -322,7 +326,8 @@ class VAE(nn.Module):
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
-        kl = -log_ratio[0].mean(0) if self.config.flow_prior else gaussian_kl(mu.float(), logvar.float())
+        closed_form = isinstance(self.prior, StandardNormal)  # else a learned prior, whatever replaced it
+        kl = gaussian_kl(mu.float(), logvar.float()) if closed_form else -log_ratio[0].mean(0)
         c = log_ratio[0] + kl
         total = -(torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - beta * kl)
         parts = LossParts(total, -log_px_z[0], kl)

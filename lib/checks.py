@@ -26,9 +26,6 @@ MAX_EPOCHS = 1_000_000
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
-# a row of metrics per epoch, as the CSV beside the checkpoint has them
-METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl", "kl_weight", "seconds")
-IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
 
@@ -101,6 +98,14 @@ def as_labels(labels, num_classes: int, n: int, device) -> torch.Tensor | None:
     return labels
 
 
+def model_of(model) -> tuple:
+    """(config, device) of the VAE an API call goes to; UserError unless its weights are float32."""
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise UserError(f"the model's weights are {dtype}: keep them float32 (vae.float()); torch.autocast runs bf16")
+    return model.config, model.device
+
+
 def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reduction: str = "mean", beta: float = 1.0,
                 priors=None, generator=None):
     """The arguments of VAE.encode, loss, log_likelihood and reconstruct (`model`: the VAE they go to): images x, a
@@ -109,7 +114,7 @@ def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reductio
     weights are not); a reduction; a finite beta >= 0; priors (one at least) whose log_prob maps [N, latent_dim] to
     [N]; a generator as `check_generator` takes it. Pixel values and finite noise are checked on the CPU only: on a GPU
     the test would stall the step on a host sync. Returns the labels as a tensor."""
-    config, device = model.config, model.device
+    config, device = model_of(model)
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:
             raise UserError(f"{name} must be an int >= 1, got {v!r}")
@@ -141,13 +146,13 @@ def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reductio
     for p in [] if priors is None else priors or [None]:  # an empty list: refused as an object without log_prob
         try:
             out = p.log_prob(torch.zeros(2, config.latent_dim, device=device))
-            ok = tuple(out.shape) == (2,) and not out.isnan().any()
-        except Exception:  # an object of the caller's: any failure of its log_prob means the same
-            ok = False
-        if not ok:
+            why = "" if tuple(out.shape) == (2,) and not out.isnan().any() else f"; got {list(out.shape)} or NaN"
+        except Exception as e:  # an object of the caller's: any failure of its log_prob means the same
+            why = f"; it raised {type(e).__name__}: {first_line(e)}"
+        if why:
             raise UserError(f"prior must be None, an object whose log_prob maps latent codes [N, {config.latent_dim}] "
                             f"on {device} to [N] log-densities, not NaN (a GaussianMixture), or a non-empty list of "
-                            "these")
+                            f"these{why}")
     return as_labels(labels, config.num_classes, x.shape[0], x.device)
 
 
@@ -155,7 +160,7 @@ def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) 
     """The arguments of VAE.decode (latent codes z, a float tensor [B, latent_dim] on the model's device) or of
     VAE.sample (a number of images n >= 1, a generator as `check_generator` takes it, prior a bool), and their labels
     as `as_labels` takes them; returns the labels."""
-    config, device = model.config, model.device
+    config, device = model_of(model)
     if z is not None and not (isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() == 2
                               and z.shape[1] == config.latent_dim and len(z)):
         got = f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}"
@@ -332,9 +337,7 @@ def load_checkpoint(path, map_location=None) -> dict:
     require(isinstance(metrics, list) and len(metrics) == epoch, "metrics", f"expected one entry per epoch ({epoch})")
     for i, row in enumerate(metrics):
         require(isinstance(row, dict) and all(isinstance(k, str) and is_number(v) for k, v in row.items())
-                and row.get("epoch") == i + 1 and set(METRIC_FIELDS) <= set(row) <= set(METRIC_FIELDS + IW_FIELDS),
-                f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}, the fields "
-                f"{', '.join(METRIC_FIELDS)} (and {', '.join(IW_FIELDS)} with --iw-k)")
+                and row.get("epoch") == i + 1, f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}")
     require(isinstance(ckpt["args"], dict), "args", "not a dict")
     require(not is_int(ckpt["args"].get("epochs")) or ckpt["args"]["epochs"] >= epoch + (step > 0), "args['epochs']",
             f"{ckpt['args'].get('epochs')!r}, below the epochs done ({epoch}, and {step} steps)")
@@ -392,8 +395,6 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
     if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
         raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
     require((ckpt["args"]["ema"] > 0) == (ckpt["ema"] is not None), "disagrees with args['ema']", "ema")
-    require(ckpt["args"]["iw_k"] > 1 or not any(set(IW_FIELDS) & set(row) for row in ckpt["metrics"]),
-            "rows with IW bounds, but args['iw_k'] is 1", "metrics")
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])
     except (RuntimeError, TypeError, ValueError) as e:

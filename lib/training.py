@@ -20,10 +20,15 @@ from dataclasses import dataclass, field
 import torch
 
 from lib import cli, files
-from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
+from lib.checks import FORMAT, UserError, check_resumable, with_checksums
 from lib.data import TensorDataset, load_test_set
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
+
+# The metrics CSV's first columns; a key train.py adds to its rows becomes a column after them.
+METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
+                 "kl_weight", "seconds")  # kl_weight: the one the epoch ended at
+IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 
 
 @dataclass
@@ -230,7 +235,9 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
     }
     files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
     buf = io.StringIO()  # written mid-epoch too: an --overwrite stopped in its first epoch leaves no old rows
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ()), lineterminator="\n")
+    known = METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ())
+    extra = dict.fromkeys(k for row in run.metrics for k in row if k not in known)  # in order, once each
+    w = csv.DictWriter(buf, fieldnames=known + tuple(extra), lineterminator="\n")
     w.writeheader()
     w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in run.metrics)
     files.write_atomic(metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))

@@ -5,7 +5,7 @@ import torch
 
 from conftest import SMALL, SMALL3
 from lib.data import TensorDataset
-from model import VAE, GaussianMixture, VAEConfig, reparameterize
+from model import LOG_2PI, VAE, GaussianMixture, StandardNormal, VAEConfig, reparameterize
 
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
@@ -165,3 +165,51 @@ def test_checkpoint_with_mixture_round_trips_through_weights_only(mixture_run):
     mu = model.encode(data.batch(slice(0, 512))[0])[0]
     centre = (stored["weights"][0, :, None] * stored["means"][0]).sum(0)
     assert torch.allclose(centre, mu.mean(0), atol=1e-3)
+
+
+def test_a_prior_of_the_callers_gets_codes_as_n_by_d_and_one_put_in_place_of_the_prior_is_learned():
+    """log_prob receives [N, latent_dim], as documented, however many samples; a prior assigned to vae.prior is
+    used by the loss with the sampled KL (the closed form belongs to N(0, I) alone)."""
+    torch.manual_seed(0)
+    m, x = VAE(VAEConfig(**SMALL)).eval(), torch.rand(3, 1, 28, 28)
+    d = SMALL["latent_dim"]
+
+    class Shifted(torch.nn.Module):  # N(shift, I), asserting the documented shape
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = torch.nn.Parameter(torch.tensor(shift))
+
+        def log_prob(self, z):
+            assert z.dim() == 2 and z.shape[1] == d, z.shape
+            return StandardNormal(d).log_prob(z - self.shift)
+
+    g = torch.Generator().manual_seed(1)
+    own = m.log_likelihood(x, k=20, chunk=7, generator=g)
+    g.manual_seed(1)
+    assert torch.allclose(m.log_likelihood(x, k=20, chunk=7, generator=g, prior=Shifted(0.0)), own)
+    eps = torch.randn(1, 3, d)
+    m.prior = Shifted(3.0)
+    parts = m.loss(x, eps=eps, reduction="none")
+    mu, logvar = m.encode(x)
+    z = reparameterize(mu, logvar, eps[0])
+    log_q = (-0.5 * (eps[0].pow(2) + logvar + LOG_2PI)).sum(1)
+    assert torch.allclose(parts.kl, log_q - m.prior.log_prob(z), atol=1e-4)
+    parts.total.sum().backward()
+    assert m.prior.shift.grad != 0  # the prior is trained with the model
+
+
+def test_a_mixture_per_class_is_no_prior_without_its_class():
+    m = VAE(VAEConfig(**SMALL, num_classes=10)).eval()
+    m.latent_mixture = GaussianMixture(**hand_made_mixture(10, SMALL["latent_dim"]))
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"p\(z\|y\)"):
+        m.log_likelihood(x, [1, 2], k=2, prior=m.latent_mixture)
+    assert m.sample(4, [0, 1, 2, 3]).shape == (4, 1, 28, 28)  # sampling names each class
+
+
+def test_weights_in_another_dtype_are_one_line():
+    m = VAE(VAEConfig(**SMALL)).double()
+    with pytest.raises(ValueError, match="keep them float32"):
+        m.loss(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="keep them float32"):
+        m.sample(2)

@@ -12,7 +12,7 @@ import torch
 import train
 from conftest import ROOT, SMALL, TINY, cli_error, read_csv, same_metrics
 from lib import cli, training
-from lib.checks import load_checkpoint
+from lib.checks import load_checkpoint, with_checksums
 from model import VAE, VAEConfig
 
 def test_resume_matches_straight_run(tmp_path, capsys):
@@ -60,6 +60,19 @@ NON_DEFAULT = (
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2", "--iw-start", "1",
      "--mixture-components", "0", "--res-blocks", "0", "--flow-prior", "2", "--output-bias", "torch"],
 )
+
+
+def test_a_metric_added_to_the_rows_becomes_a_column_and_older_rows_leave_it_empty(tmp_path):
+    """An extension that adds a key to train.py's rows gets a CSV column after the standard ones, and checkpoints
+    written before it (whose rows lack the key) still resume."""
+    ckpt = tmp_path / "run.pt"
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    c = load_checkpoint(ckpt)
+    c["metrics"][0]["lr"] = 0.003  # as if the first epoch had logged it
+    torch.save(with_checksums(c), ckpt)
+    assert train.main(["--resume", "--epochs", "2", "--checkpoint", str(ckpt)]) == 0
+    first, second = read_csv(tmp_path / "run.pt.metrics.csv")
+    assert list(first) == [*training.METRIC_FIELDS, "lr"] and first["lr"] == "0.0030" and second["lr"] == ""
 
 
 def test_every_flag_that_shapes_a_run_survives_a_resume(tmp_path):
