@@ -9,7 +9,8 @@ three pipelines:
   (`project_step` below): bf16 autocast where it is faster (`--precision auto`), fused Adam, no host
   sync per step.
 - conventional: what tutorials do (pytorch/examples' VAE). torchvision.datasets.MNIST with
-  transforms.ToTensor() in a DataLoader (shuffle=True, num_workers=1), batches copied to the
+  transforms.ToTensor() in a DataLoader (shuffle=True; as the tutorial's, one worker process and pinned memory
+  on an accelerator, none on the CPU), batches copied to the
   device, fp32, torch.optim.Adam with its default implementation, loss.item() every step.
 - conv. loader: that DataLoader feeding the project's step, so the data path alone is
   compared (what the conventional pipeline would gain from the project's step).
@@ -179,15 +180,16 @@ def main(argv=None) -> int:
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"project step {'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compile else ''}, "
           f"{'default' if args.malloc_defaults else 'tuned'} malloc, batch {args.batch_size}, "
-          f"{args.rounds} rounds")
+          f"{cli.count(args.rounds, 'round')}" + (f", the first {cli.count(args.limit, 'image')} only (--limit)"
+                                                   if args.limit else ""))
     ensure_mnist(args.data_dir)
     data = TensorDataset.load("train", args.data_dir, device, args.limit)
     n = len(data)
     conventional = torchvision.datasets.MNIST(args.data_dir, train=True, transform=transforms.ToTensor())
     if args.limit is not None:
         conventional = torch.utils.data.Subset(conventional, range(n))
-    loader = torch.utils.data.DataLoader(conventional, batch_size=args.batch_size, shuffle=True,
-                                         num_workers=1, pin_memory=device.type == "cuda")
+    accel = {"num_workers": 1, "pin_memory": True} if device.type != "cpu" else {}  # the tutorial's kwargs
+    loader = torch.utils.data.DataLoader(conventional, batch_size=args.batch_size, shuffle=True, **accel)
     print(f"{'model':8s} {'pipeline':13s} {'img/s':>9s} {'epoch s':>8s} {'peak MiB':>9s} "
           f"{'faults/step':>11s}")
     for model_name in args.models:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lib import files
 from lib.checks import UserError, first_line
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset")
@@ -76,8 +77,9 @@ def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.
 
 def read_file(raw: str, name: str) -> bytearray | None:
     """The verified content of `raw/name` (structure, then the SHA-256 of SHA256SUMS), decompressing `name.gz` beside
-    it if needed; None if neither exists. Reads at most one byte more than the file should have, so a gzip bomb cannot
-    fill memory. Never deletes or overwrites anything but its own temp file."""
+    it if needed (written atomically where the folder allows); None if neither exists. Reads at most one byte more
+    than the file should have, so a gzip bomb cannot fill memory. Never deletes or overwrites anything but its own
+    temp files."""
     plain, limit = os.path.join(raw, name), 4 + 4 * len(FILES[name]) + math.prod(FILES[name])
     source = plain if os.path.isfile(plain) else plain + ".gz"
     if not os.path.isfile(source):
@@ -99,18 +101,12 @@ def read_file(raw: str, name: str) -> bytearray | None:
             raise UserError(f"{source}: SHA-256 {digest[:12]}... does not match SHA256SUMS ({SHA256[name][:12]}...)")
     except UserError as e:
         raise UserError(f"{e}{hint}") from None
-    if source != plain:
-        tmp = f"{plain}.{os.getpid()}.tmp"
-        try:  # write-then-rename, so an interrupted run never leaves a half-written file
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, plain)
-        except BaseException as e:  # Ctrl-C included: the 47 MB temp file never stays behind
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise UserError(f"{plain}: cannot write the decompressed file ({e.strerror or e})") from None
-            raise
+    if source != plain and not os.path.lexists(plain):  # a cache of the checked bytes, never over anything
+        files.remove_stale_temp_files(plain)  # what a killed decompression left
+        try:
+            files.write_atomic(plain, lambda f: f.write(data))
+        except UserError:  # a read-only folder: the .gz is decompressed again next time
+            pass
     return data
 
 

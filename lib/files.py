@@ -41,7 +41,7 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         why = "not a folder" if not os.path.isdir(probe) else "not writable"
         raise UserError(f"{path}: cannot create the {what} there ({probe} is {why})")
-    longest = len(os.path.basename(target)) + len(f".{2**22}.{'0' * 16}{TMP_SUFFIX}")  # write_atomic's temp file
+    longest = len(os.fsencode(os.path.basename(target))) + len(f".{2**22}.{'0' * 16}{TMP_SUFFIX}")  # bytes, as NAME_MAX
     if longest > (os.pathconf(probe, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255):
         raise UserError(f"{path}: file name too long (with its temp file's suffix) for the {what}")
     return path
@@ -75,6 +75,8 @@ def write_atomic(path, write) -> None:
     tmp = f"{target}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if existed:  # the replaced file's permissions stay (a private checkpoint stays private)
+            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
@@ -85,10 +87,12 @@ def write_atomic(path, write) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable, where the filesystem can
             dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
+            except OSError:  # some (FUSE, network) refuse it on a folder: the file is written all the same
+                pass
             finally:
                 os.close(dfd)
     except OSError as e:
@@ -153,10 +157,13 @@ class Lock:
         except ImportError:  # pragma: no cover - Windows
             return self
         make_folder(self.path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: truncating the lock file must not truncate another file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
             raise UserError(f"{self.path}: cannot create the lock file ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe or a device
+            os.close(fd)
+            raise UserError(f"{self.path}: not a regular file; remove it (the lock file of {self.file})")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

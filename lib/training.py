@@ -58,8 +58,9 @@ class Run:
 
 
 def metrics_path(checkpoint: str) -> str:
-    """The CSV beside a checkpoint, named from the whole file name: no two checkpoints share one."""
-    return checkpoint + ".metrics.csv"
+    """The CSV beside a checkpoint (the file a link points to), named from the whole file name: no two checkpoints
+    share one."""
+    return os.path.realpath(checkpoint) + ".metrics.csv"
 
 
 @contextlib.contextmanager

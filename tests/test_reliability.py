@@ -331,6 +331,38 @@ def test_a_checkpoint_replaced_after_it_was_read_is_not_written_over(good, tmp_p
         pass
 
 
+def test_the_lock_file_is_never_a_link_or_a_pipe_and_saves_keep_a_files_mode(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "a.pt.lock").symlink_to(notes)  # truncating the lock must not truncate this
+    os.mkfifo(tmp_path / "b.pt.lock")
+    for name in ("a.pt", "b.pt"):
+        assert "lock file" in cli_error(train.main, [*TINY, "--epochs", "1", "--checkpoint", tmp_path / name], capsys)
+    assert notes.read_text() == "mine"
+    ckpt = tmp_path / "c.pt"
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    ckpt.chmod(0o600)  # a private checkpoint, resumed through a link to it
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    assert train.main(["--resume", "--epochs", "2", "--checkpoint", str(tmp_path / "link.pt")]) == 0
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o600 and load_checkpoint(ckpt)["epoch"] == 2
+    assert len(read_csv(tmp_path / "c.pt.metrics.csv")) == 2 and not (tmp_path / "link.pt.metrics.csv").exists()
+
+
+def test_names_too_long_in_bytes_are_refused_and_a_folder_fsync_refused_is_no_failure(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="too long"):  # 83 characters, 243 bytes in UTF-8
+        files.check_output_path(tmp_path / ("\u65e5" * 80 + ".pt"))
+    real = os.fsync
+
+    def no_folder_fsync(fd):  # as some FUSE and network filesystems do
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_fsync)
+    write_atomic(tmp_path / "out.bin", lambda f: f.write(b"new"))
+    assert (tmp_path / "out.bin").read_bytes() == b"new"
+
+
 def test_output_folders_created_or_clear_error(tmp_path, capsys):
     deep = tmp_path / "a" / "b" / "vae.pt"
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(deep)]) == 0 and deep.exists()
@@ -374,9 +406,9 @@ def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
     assert all(p.read_text() == "keep" for p in keep) and not stale.exists()
 
 
-def test_empty_paths_are_refused(good, tmp_path, capsys):
+def test_empty_paths_are_refused(good, tmp_path, capsys, monkeypatch):
     before = tree(tmp_path)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"]),
                        (generate.main, ["--out", "", "--checkpoint", good])):
         line = cli_error(main, args, capsys)
@@ -609,6 +641,29 @@ def test_interrupted_decompression_leaves_no_temp_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         data.read_file(str(raw), name)
+    assert sorted(p.name for p in raw.iterdir()) == [name + ".gz"]
+
+
+def test_a_folder_that_cannot_keep_the_decompressed_file_still_serves_the_data(tmp_path, monkeypatch):
+    """A read-only data folder with the .gz files, or a dangling link where the decompressed file goes: the checked
+    bytes are used all the same, nothing is written through the link, and a killed decompression's temp file goes."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    name = "t10k-labels-idx1-ubyte"
+    with open(os.path.join(data.raw_dir(data.DEFAULT_DATA_DIR), name + ".gz"), "rb") as f:
+        (raw / (name + ".gz")).write_bytes(f.read())
+    (raw / name).symlink_to(tmp_path / "unmounted" / name)
+    assert len(data.read_file(str(raw), name)) == 10_008
+    assert not (tmp_path / "unmounted").exists() and (raw / name).is_symlink()
+    (raw / name).unlink()
+    stale = raw / f"{name}.999999999.0123456789abcdef.tmp"
+    stale.write_bytes(b"half")
+
+    def read_only(path, write):
+        raise data.UserError(f"{path}: cannot write (Read-only file system); nothing was written")
+
+    monkeypatch.setattr(files, "write_atomic", read_only)
+    assert len(data.read_file(str(raw), name)) == 10_008
     assert sorted(p.name for p in raw.iterdir()) == [name + ".gz"]
 
 

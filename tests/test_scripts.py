@@ -355,6 +355,7 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
                                  (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
                                  (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
                                  (["--tutorial", tutorial, "--", "--iw-start", "2"], 1, "--iw-k is 1"),
+                                 (["--tutorial", tutorial, "--", "--resume"], 1, "runs afresh"),
                                  (["--tutorial", silent], 1, "printed no test loss")):
             got, _, err = run(*args)
             assert got == code and err.count("\n") == 1 and what in err and "Traceback" not in err, (args, err)
@@ -363,3 +364,6 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
         signal.signal(signal.SIGTERM, sigterm)
     assert got == 0, err
     assert re.search(r"^300\.00 \(tutorial, 10 ep\.\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
+    assert re.search(r"^95\s+never\s+never\s*$", out, re.M), out  # neither reached 95 nats
+    line = "epoch   2/2  train   296.29  test   288.41 (recon 280.00 + KL 8.41)  IW-4 bound: train 296.29 test 288.40"
+    assert time_to_quality.PROJECT_LOSS.search(line).group(1) == "288.41"  # the ELBO, not the bound after it

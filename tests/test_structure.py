@@ -137,6 +137,9 @@ def test_every_flag_help_states_its_default():
         for action in p._actions:
             if action.option_strings and action.default is not None and action.dest != "help":
                 assert action.help and "%(default)" not in action.help
+                stated = re.search(r"\(default: ([^)]*)", action.help)  # worded by hand: it must be the real one
+                if stated and action.default is not False:
+                    assert os.path.basename(str(action.default).rstrip("/")) in stated.group(1), (action.dest, stated)
         assert p.format_help().count("(default:") >= 3
 
 

@@ -116,16 +116,20 @@ def test_a_new_run_starts_the_decoder_at_the_mean_pixel(tmp_path, arch):
 
 def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
     """--compile hands VAE.loss to torch.compile and trains with what it returns."""
-    compiled = []
+    compiled, calls = [], []
 
     def fake_compile(fn, **kw):  # records what is compiled; runs it eagerly (a real compile: ~30 s)
         compiled.append(fn)
-        return fn
+
+        def compiled_fn(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return compiled_fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--compile",
                        "--checkpoint", str(tmp_path / "c.pt")]) == 0
-    assert compiled == [training.objective]
+    assert compiled == [training.objective] and len(calls) == 512 // 64  # every step, through what compile gave
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -225,19 +229,26 @@ def test_binarized_training_sees_binary_pixels(binarized_run, monkeypatch):
 def test_groups_give_the_same_gradient(tmp_path, monkeypatch):
     """Memory stays bounded: with K samples per image a batch is split into groups of images whose
     gradients add up to the one-pass gradient (the first step's, same weights, batch and noise)."""
-    runs, real = [], torch.optim.Adam.step
+    runs, real, passes, objective = [], torch.optim.Adam.step, [], training.objective
 
     def spy(opt, *a, **kw):  # records the gradients every step applies
         runs[-1].append([p.grad.clone() for group in opt.param_groups for p in group["params"]])
         return real(opt, *a, **kw)
 
+    def counted(*args, **kwargs):  # the forward passes of the step
+        passes[-1] += 1
+        return objective(*args, **kwargs)
+
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    monkeypatch.setattr(training, "objective", counted)
     for per_pass in (10_000, 16):  # 8 samples per image: 1 group of 64 images, then 32 groups of 2
         monkeypatch.setattr(train, "SAMPLES_PER_PASS", per_pass)
         runs.append([])
+        passes.append(0)
         assert train.main([*TINY, "--limit", "64", "--epochs", "1", "--iw-k", "8", "--mixture-components", "0",
                            "--precision", "fp32", "--checkpoint", str(tmp_path / f"g{per_pass}.pt")]) == 0
     (one,), (groups,) = runs
+    assert passes == [1, 32]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(one, groups))
 
 
