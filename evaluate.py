@@ -127,10 +127,15 @@ def scored(args, ckpt: dict) -> str:
 
 def finish(path: str | None, result: dict, lines: list[str]) -> int:
     """Write the results to --json, if given (its path was checked before the work), then print them: the file
-    comes first, so an output pipe closed early (`| head -1`) cannot lose the work."""
+    comes first, so an output pipe closed early (`| head -1`) cannot lose the work; if the file cannot be written
+    (a full disk), the results are printed before its error."""
+    try:
+        if path is not None:
+            write_atomic(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    finally:
+        print("\n".join(lines))
     if path is not None:
-        write_atomic(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print("\n".join(lines + ([f"wrote {path}"] if path is not None else [])))
+        print(f"wrote {path}")
     return 0
 
 

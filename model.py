@@ -184,7 +184,8 @@ class GaussianMixture(nn.Module):
         return {name: getattr(self, name).cpu() for name in ("weights", "means", "scale_tril")}
 
     def _group(self, group: int | None) -> int:
-        assert group is not None or len(self.weights) == 1, "a mixture per class is p(z|y): name the group (class)"
+        if group is None and len(self.weights) > 1:  # the caller's mistake, refused under python -O too
+            raise ValueError("a mixture per class is p(z|y), not one p(z): pass group= (the class)")
         return group or 0
 
     def sample(self, n: int, generator: torch.Generator | None = None, group: int | None = None) -> torch.Tensor:
@@ -326,7 +327,7 @@ class VAE(nn.Module):
         if eps is None:
             eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
-        closed_form = isinstance(self.prior, StandardNormal)  # else a learned prior, whatever replaced it
+        closed_form = type(self.prior) is StandardNormal  # else a learned prior, whatever replaced it
         kl = gaussian_kl(mu.float(), logvar.float()) if closed_form else -log_ratio[0].mean(0)
         c = log_ratio[0] + kl
         total = -(torch.logsumexp(log_px_z + (c - c.mean(0)), dim=0) - math.log(k) - beta * kl)

@@ -81,10 +81,11 @@ def main(argv=None) -> int:
                         "vae/main.py")
     train = cli.Parser("", cli.TRAIN_FLAGS)
     train.prog = "train.py"
+    train.set_defaults(checkpoint=None)  # so that any --checkpoint given shows
     flags = train.parse_args(args.train_args)  # bad flags (rules between them too), device or data: now, not after
     cli.check_flags(flags)  # the tutorial's minutes
     cli.pick_device(flags.device)
-    if flags.resume or flags.checkpoint != cli.DEFAULT_CHECKPOINT:
+    if flags.resume or flags.checkpoint is not None:
         raise UserError("train.py runs afresh here, into a temporary checkpoint: leave out --resume and --checkpoint")
     ensure_mnist(flags.data_dir)
     signal.signal(signal.SIGTERM, interrupted)

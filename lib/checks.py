@@ -26,6 +26,10 @@ MAX_EPOCHS = 1_000_000
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
+# The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
+METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
+                 "kl_weight", "seconds")  # kl_weight: the one the epoch ended at
+IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own
 
@@ -337,7 +341,8 @@ def load_checkpoint(path, map_location=None) -> dict:
     require(isinstance(metrics, list) and len(metrics) == epoch, "metrics", f"expected one entry per epoch ({epoch})")
     for i, row in enumerate(metrics):
         require(isinstance(row, dict) and all(isinstance(k, str) and is_number(v) for k, v in row.items())
-                and row.get("epoch") == i + 1, f"metrics[{i}]", f"expected a dict of finite numbers for epoch {i + 1}")
+                and row.get("epoch") == i + 1 and set(METRIC_FIELDS) <= set(row), f"metrics[{i}]",
+                f"expected a dict of finite numbers for epoch {i + 1}, with {', '.join(METRIC_FIELDS)} at least")
     require(isinstance(ckpt["args"], dict), "args", "not a dict")
     require(not is_int(ckpt["args"].get("epochs")) or ckpt["args"]["epochs"] >= epoch + (step > 0), "args['epochs']",
             f"{ckpt['args'].get('epochs')!r}, below the epochs done ({epoch}, and {step} steps)")

@@ -29,12 +29,14 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     target = os.path.realpath(path)
     if any(os.path.realpath(os.fspath(r)) == target for r in reads):
         raise UserError(f"{path}: is a file this command reads; refused to replace it with the {what}")
-    if os.path.exists(target):
-        mode = os.stat(target).st_mode
+    if os.path.exists(path):  # stat follows links, /dev/stdout's to a pipe too (its realpath is no path)
+        mode = os.stat(path).st_mode
         if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
             raise UserError(f"{path}: not a regular file; refused to replace it with the {what}")
-        if not os.access(target, os.W_OK):
+        if not os.access(path, os.W_OK):
             raise UserError(f"{path}: not writable")
+        if not stat.S_ISREG(mode):
+            return path  # write_atomic writes to it directly
     probe = os.path.dirname(target)
     while not os.path.exists(probe):  # the folder is made when the file is written
         probe = os.path.dirname(probe)
@@ -62,9 +64,9 @@ def write_atomic(path, write) -> None:
     failed write (a full disk, say) is a one-line UserError, leaving the previous file as it was and no temp file."""
     path = check_output_path(path, devices_ok=True)
     target = os.path.realpath(path)
-    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
         try:
-            with open(target, "wb") as f:
+            with open(path, "wb") as f:
                 write(f)
         except OSError as e:
             raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
@@ -75,10 +77,13 @@ def write_atomic(path, write) -> None:
     tmp = f"{target}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        if existed:  # the replaced file's permissions stay (a private checkpoint stays private)
-            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
         try:
             with os.fdopen(fd, "wb") as f:
+                if existed:  # the replaced file's permissions stay (a private checkpoint stays private)
+                    try:
+                        os.fchmod(f.fileno(), stat.S_IMODE(os.stat(target).st_mode))
+                    except OSError:  # a filesystem without modes, or the file gone meanwhile
+                        pass
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())

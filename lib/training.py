@@ -20,15 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lib import cli, files
-from lib.checks import FORMAT, UserError, check_resumable, with_checksums
+from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
 from lib.data import TensorDataset, load_test_set
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
-
-# The metrics CSV's first columns; a key train.py adds to its rows becomes a column after them.
-METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
-                 "kl_weight", "seconds")  # kl_weight: the one the epoch ended at
-IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 
 
 @dataclass

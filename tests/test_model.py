@@ -204,6 +204,8 @@ def test_a_mixture_per_class_is_no_prior_without_its_class():
     x = torch.rand(2, 1, 28, 28)
     with pytest.raises(ValueError, match=r"p\(z\|y\)"):
         m.log_likelihood(x, [1, 2], k=2, prior=m.latent_mixture)
+    with pytest.raises(ValueError, match="pass group="):  # called directly, and under python -O too
+        m.latent_mixture.log_prob(torch.zeros(3, SMALL["latent_dim"]))
     assert m.sample(4, [0, 1, 2, 3]).shape == (4, 1, 28, 28)  # sampling names each class
 
 

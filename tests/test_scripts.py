@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -143,6 +144,23 @@ def test_results_reach_the_json_file_before_a_closed_pipe_stops_the_printing(bin
     with pytest.raises(BrokenPipeError):
         evaluate.main(["--checkpoint", str(binarized_run), "--k", "2", "--limit", "5", "--json", str(out)])
     assert json.loads(out.read_text())["k"] == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not os.path.isdir("/proc/self/fd"), reason="Linux devices")
+def test_json_goes_to_a_pipe_and_a_failed_json_write_keeps_the_printed_results(binarized_run, capsys):
+    r, w = os.pipe()  # /proc/self/fd/W stands for /dev/stdout piped to another program
+    try:
+        assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "2", "--limit", "5",
+                              "--json", f"/proc/self/fd/{w}"]) == 0
+        os.close(w)
+        assert json.loads(os.read(r, 1 << 16))["k"] == 2
+    finally:
+        os.close(r)
+    capsys.readouterr()
+    assert cli.run(evaluate.main, ["--checkpoint", str(binarized_run), "--k", "2", "--limit", "5",
+                                   "--json", "/dev/full"]) == 1  # a full disk
+    out, err = capsys.readouterr()
+    assert "/dev/full: cannot write" in err and err.count("\n") == 1 and "NLL" in out
 
 
 def test_outputs_never_replace_what_a_script_reads(run_with_mixture, tmp_path, capsys):
@@ -356,6 +374,7 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
                                  (["--tutorial", tutorial, "--", "--epochs", "0"], 2, "--epochs"),
                                  (["--tutorial", tutorial, "--", "--iw-start", "2"], 1, "--iw-k is 1"),
                                  (["--tutorial", tutorial, "--", "--resume"], 1, "runs afresh"),
+                                 (["--tutorial", tutorial, "--", "--checkpoint", "checkpoints/vae.pt"], 1, "afresh"),
                                  (["--tutorial", silent], 1, "printed no test loss")):
             got, _, err = run(*args)
             assert got == code and err.count("\n") == 1 and what in err and "Traceback" not in err, (args, err)
