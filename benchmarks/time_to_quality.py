@@ -64,7 +64,8 @@ def reached(losses, target: float) -> float | None:
 
 
 def interrupted(signum, frame):
-    """SIGTERM as Ctrl-C: the temporary folder and the running child are cleaned up on the way out."""
+    """SIGTERM (or SIGHUP: the terminal closed) as Ctrl-C: the temporary folder and the running child are cleaned
+    up on the way out."""
     raise KeyboardInterrupt
 
 
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     if flags.resume or flags.checkpoint is not None:
         raise UserError("train.py runs afresh here, into a temporary checkpoint: leave out --resume and --checkpoint")
     ensure_mnist(flags.data_dir)
-    signal.signal(signal.SIGTERM, interrupted)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        signal.signal(sig, interrupted)
     with tempfile.TemporaryDirectory() as tmp:
         # The tutorial reads ../data/MNIST/raw relative to where it runs and writes results/.
         os.makedirs(os.path.join(tmp, "run", "results"))

@@ -4,6 +4,7 @@ file or the new one, never a partial file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -26,6 +27,11 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
         raise UserError(f"empty path given for the {what}")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, expected a path for the {what}")
+    try:
+        os.stat(path)
+    except OSError as e:  # a missing file is fine; a loop of links in its path is no path at all
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path}: a loop of symbolic links") from None
     target = os.path.realpath(path)
     if any(os.path.realpath(os.fspath(r)) == target for r in reads):
         raise UserError(f"{path}: is a file this command reads; refused to replace it with the {what}")

@@ -339,6 +339,11 @@ def test_the_lock_file_is_never_a_link_or_a_pipe_and_saves_keep_a_files_mode(tmp
     for name in ("a.pt", "b.pt"):
         assert "lock file" in cli_error(train.main, [*TINY, "--epochs", "1", "--checkpoint", tmp_path / name], capsys)
     assert notes.read_text() == "mine"
+    (tmp_path / "self.pt").symlink_to(tmp_path / "self.pt")  # links in a loop: no path, not a missing file
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for bad in (tmp_path / "self.pt", tmp_path / "loop" / "vae.pt"):
+        assert "loop of symbolic links" in cli_error(train.main, [*TINY, "--checkpoint", bad], capsys)
+    assert (tmp_path / "self.pt").is_symlink()
     ckpt = tmp_path / "c.pt"
     assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
     ckpt.chmod(0o600)  # a private checkpoint, resumed through a link to it

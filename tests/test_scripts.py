@@ -367,7 +367,7 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
             code = e.code
         return code, *capsys.readouterr()
 
-    sigterm = signal.getsignal(signal.SIGTERM)  # the script takes SIGTERM over: given back below
+    taken = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # the script's: given back below
     try:
         for args, code, what in ((["--tutorial"], 2, "expected one argument"),
                                  (["--tutorial", tmp_path / "none.py"], 1, "no such file"),
@@ -379,8 +379,10 @@ def test_time_to_quality_runs_both_and_refuses_bad_input_in_one_line(tmp_path, c
             got, _, err = run(*args)
             assert got == code and err.count("\n") == 1 and what in err and "Traceback" not in err, (args, err)
         got, out, err = run("--tutorial", tutorial, "--", *TINY, "--epochs", "1", "--mixture-components", "0")
+        assert signal.getsignal(signal.SIGHUP) is time_to_quality.interrupted  # a closed terminal cleans up too
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for s, handler in taken.items():
+            signal.signal(s, handler)
     assert got == 0, err
     assert re.search(r"^300\.00 \(tutorial, 10 ep\.\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
     assert re.search(r"^95\s+never\s+never\s*$", out, re.M), out  # neither reached 95 nats
