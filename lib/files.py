@@ -25,18 +25,18 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     path = os.fspath(path)
     if not path:
         raise UserError(f"empty path given for the {what}")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, expected a path for the {what}")
-    try:
-        os.stat(path)
+    try:  # stat follows links, /dev/stdout's to a pipe too (its realpath is no path)
+        mode = os.stat(path).st_mode
     except OSError as e:  # a missing file is fine; a loop of links in its path is no path at all
         if e.errno == errno.ELOOP:
             raise UserError(f"{path}: a loop of symbolic links") from None
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a folder, expected a path for the {what}")
     target = os.path.realpath(path)
     if any(os.path.realpath(os.fspath(r)) == target for r in reads):
         raise UserError(f"{path}: is a file this command reads; refused to replace it with the {what}")
-    if os.path.exists(path):  # stat follows links, /dev/stdout's to a pipe too (its realpath is no path)
-        mode = os.stat(path).st_mode
+    if mode is not None:
         if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
             raise UserError(f"{path}: not a regular file; refused to replace it with the {what}")
         if not os.access(path, os.W_OK):
