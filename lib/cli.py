@@ -268,6 +268,8 @@ def free_memory(device: torch.device) -> int | None:
 def run(main, argv=None) -> int:
     """Call main(argv); a UserError becomes one line on stderr and exit code 1, Ctrl-C outside
     train.py's own handling exit 130. Anything else is a bug and keeps its traceback."""
+    if hasattr(sys.stdout, "reconfigure"):  # a path of non-UTF-8 bytes is printed escaped, not a crash after the work
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return main(argv)
     except UserError as e:

@@ -117,7 +117,7 @@ def save_atomic(obj, path) -> None:
 
 def remove_stale_temp_files(path) -> list[str]:
     """Delete the temp files an earlier write_atomic of `path` left when its process was killed: only names it makes
-    (<name>.<pid>.<16 hex>.tmp) of processes no longer alive. Call it under the file's Lock; returns what it removed."""
+    (<name>.<pid>.<16 hex>.tmp) of processes no longer alive, so no lock is needed; returns what it removed."""
     target = os.path.realpath(os.fspath(path))
     folder, removed = os.path.dirname(target), []
     pattern = re.compile(re.escape(os.path.basename(target)) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))

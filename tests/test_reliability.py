@@ -3,6 +3,7 @@ what docs/reliability.md promises."""
 
 import copy
 import errno
+import io
 import os
 import pickle
 import signal
@@ -149,10 +150,12 @@ def test_sigkill_anywhere_keeps_last_complete_checkpoint(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert load_checkpoint(ckpt)["epoch"] == 1  # the previous complete one, not a partial file
-    # 2) killed at a few moments of a resumed run, each time leaving a loadable checkpoint
-    for delay in (1.0, 3.0, 4.5):  # start-up, data loading, training
+    # 2) killed at a few moments of a resumed run, each time leaving a loadable checkpoint: start-up, the lock
+    #    held (after the data is read), the state restored, training after a save
+    for printed in (None, "device:", "resuming", "epoch   2/3"):
         proc = start(["--epochs", "3", "--checkpoint", ckpt, "--resume"])
-        time.sleep(delay)
+        if printed:
+            wait_for(proc, printed)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert load_checkpoint(ckpt)["epoch"] >= 1
@@ -448,16 +451,29 @@ def test_resume_and_overwrite_together_are_refused(good, capsys):
 
 
 def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_path):
-    write_atomic(os.devnull, lambda f: f.write(b"discarded"))
-    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    device = tmp_path / "null"  # a link to the device: a regression replaces the link, never /dev/null itself
+    device.symlink_to(os.devnull)
+    write_atomic(device, lambda f: f.write(b"discarded"))
+    assert device.is_symlink() and stat.S_ISCHR(os.stat(device).st_mode)
     target = tmp_path / "real.json"
     target.write_text("old")
     link = tmp_path / "link.json"
     link.symlink_to(target)
     assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(link)]) == 0
     assert link.is_symlink() and '"nll"' in target.read_text()
-    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", os.devnull]) == 0
-    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(device)]) == 0
+    assert device.is_symlink() and stat.S_ISCHR(os.stat(device).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "null", "real.json"]  # no temp file left
+
+
+def test_a_path_of_non_utf8_bytes_is_printed_escaped(good, tmp_path, monkeypatch):
+    out = os.path.join(tmp_path, "images\udcff")  # what Python makes of the byte 0xff in a command line
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a UTF-8 terminal's
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.run(generate.main, ["--checkpoint", str(good), "--out", out, "--n", "1"]) == 0
+    stdout.flush()
+    assert b"images\\udcff/samples.png" in stdout.buffer.getvalue()
+    assert os.path.exists(os.path.join(out, "samples.png"))
 
 
 def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, capsys):
