@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         raise UserError("empty path given for --out (the folder for the images)")
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
-    k = model.config.num_classes
-    if args.digit is not None and not k:
+    classes = model.config.num_classes
+    if args.digit is not None and not classes:
         raise UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint (train with --conditional)")
     # The test digits as the model was trained and evaluated on them (binarized or not).
     test = load_test_set(args.data_dir, "cpu", binarize=ckpt["args"]["binarize"])
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         check_output_path(path, "image")  # all before any work, not half-way
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x, y = test.batch(torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:4 * ROW])
-    x, y = x.to(device), (y.to(device) if k else None)
+    x, y = x.to(device), (y.to(device) if classes else None)
     grids, notes = {}, {}  # name -> (images, images per row)
 
     with torch.inference_mode():
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
         if model.latent_mixture is None:
             notes["samples"] = "from the prior: the checkpoint has no latent mixture"
         for name, prior in (("samples", False), ("samples_prior", True)):
-            if k and args.digit is None:  # one row per digit
-                labels = torch.arange(k, device=device).repeat_interleave(args.n)
-                grids[name] = model.sample(k * args.n, labels, generator=gen, prior=prior), args.n
+            if classes and args.digit is None:  # one row per digit
+                labels = torch.arange(classes, device=device).repeat_interleave(args.n)
+                grids[name] = model.sample(classes * args.n, labels, generator=gen, prior=prior), args.n
             else:
                 labels = None if args.digit is None else torch.full((args.n,), args.digit, device=device)
                 grids[name] = model.sample(args.n, labels, generator=gen, prior=prior), min(ROW, args.n)
@@ -97,12 +97,12 @@ def main(argv=None) -> int:
                               f"{mu.shape[1] - active} inactive), most active first" if active else
                               f"no active latent dimension (of {mu.shape[1]}): the one of highest KL")
 
-        if mu.shape[1] == 2 and (not k or args.digit is not None):
+        if mu.shape[1] == 2 and (not classes or args.digit is not None):
             u = torch.linspace(0.05, 0.95, MANIFOLD_SIDE, device=device)
             g = torch.distributions.Normal(0.0, 1.0).icdf(u)
             z = torch.stack(torch.meshgrid(g.flip(0), g, indexing="ij"), dim=-1).view(-1, 2)[:, [1, 0]]
             z = model.prior(z)  # the noise grid mapped to z: equal prior mass per cell
-            zl = None if not k else torch.full((len(z),), args.digit, device=device)
+            zl = None if not classes else torch.full((len(z),), args.digit, device=device)
             grids["manifold"] = torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE
 
     for name, (images, nrow) in grids.items():

@@ -86,7 +86,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
 
 
 def log_normal(x: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
-    """log N(x; means[m], L_m L_m^T) for every point and component: x [N, d] -> [N, M]."""
+    """log N(x; means[m], L_m L_m^T) for every point and component: x [N, d] -> [N, M]. Pass float64: the expansion
+    below subtracts terms that grow with |x|^2, which float32 would cancel to noise far from the means."""
     d = x.shape[1]
     precision = torch.cholesky_inverse(scale_tril)  # [M, d, d], (L L^T)^-1 from the factor
     outer = (x.unsqueeze(2) * x.unsqueeze(1)).flatten(1)  # x x^T per point: [N, d * d]
@@ -228,7 +229,7 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
         self.config = c = config or VAEConfig()
-        k = c.num_classes  # one-hot label width appended to encoder features and to z
+        classes = c.num_classes  # one-hot label width appended to encoder features and to z
         act = ACTIVATIONS[c.activation]
         if c.arch == "conv":
             c1, c2 = c.channels
@@ -245,9 +246,9 @@ class VAE(nn.Module):
                 nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(), *blocks(c2),
                 nn.Flatten(),
             )  # [B, C, H, W] -> [B, feat]
-            self.enc_head = nn.Sequential(nn.Linear(feat + k, c.hidden_dim), act())
+            self.enc_head = nn.Sequential(nn.Linear(feat + classes, c.hidden_dim), act())
             self.dec_head = nn.Sequential(
-                nn.Linear(c.latent_dim + k, c.hidden_dim), act(),
+                nn.Linear(c.latent_dim + classes, c.hidden_dim), act(),
                 nn.Linear(c.hidden_dim, feat), act(),
             )  # [B, latent] -> [B, feat]
             self.dec_body = nn.Sequential(
@@ -258,8 +259,8 @@ class VAE(nn.Module):
         else:
             # The pytorch/examples VAE is this with hidden_dim=400, latent_dim=20, ReLU.
             self.enc_body = nn.Flatten()
-            self.enc_head = nn.Sequential(nn.Linear(c.num_pixels + k, c.hidden_dim), act())
-            self.dec_head = nn.Sequential(nn.Linear(c.latent_dim + k, c.hidden_dim), act(),
+            self.enc_head = nn.Sequential(nn.Linear(c.num_pixels + classes, c.hidden_dim), act())
+            self.dec_head = nn.Sequential(nn.Linear(c.latent_dim + classes, c.hidden_dim), act(),
                                           nn.Linear(c.hidden_dim, c.num_pixels))  # its bias: --output-bias
             self.dec_body = nn.Identity()
         self.to_stats = nn.Linear(c.hidden_dim, 2 * c.latent_dim)  # -> (mu, logvar)

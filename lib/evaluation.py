@@ -187,9 +187,9 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
     """Every score of the module docstring for a VAE (model.VAE); test and training images are
     the grey-level ones. Samples are drawn with a generator seeded by `seed`."""
     device = model.device
-    k = model.config.num_classes
+    classes = model.config.num_classes
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = None if k == 0 else torch.arange(n, device=device) % k  # every digit equally often
+    labels = None if classes == 0 else torch.arange(n, device=device) % classes  # every digit equally often
 
     def draw(prior: bool) -> torch.Tensor:
         out = []
@@ -200,7 +200,7 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
 
     samples, prior_samples = draw(prior=False), draw(prior=True)
     test_x = to_unit(test_set.images.cpu())
-    recon = torch.cat([model.reconstruct(to_unit(x), y if k else None).cpu()
+    recon = torch.cat([model.reconstruct(to_unit(x), y if classes else None).cpu()
                        for x, y in test_set.batches(batch_size)])
     train_x = to_unit(train_set.images.cpu()).flatten(1)
 
@@ -214,7 +214,7 @@ def sample_scores(model: VAE, classifier: DigitClassifier, train_set: TensorData
         "class_entropy": class_entropy(pred_s, classifier.head.out_features),
         "digit_accuracy": None if labels is None else (pred_s == labels.cpu()).double().mean().item(),
         "digit_accuracy_per_digit": None if labels is None else [
-            (pred_s[labels.cpu() == d] == d).double().mean().item() if d < n else None for d in range(k)],
+            (pred_s[labels.cpu() == d] == d).double().mean().item() if d < n else None for d in range(classes)],
         "nn_samples": nearest_distance(samples.flatten(1), train_x, desc="nearest, samples").median().item(),
         "nn_test_recon": nearest_distance(recon.flatten(1), train_x, desc="nearest, recons").median().item(),
         "fd_floor": frechet_distance(f_test, f_train),

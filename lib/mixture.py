@@ -54,7 +54,7 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
     assert x.dim() == 2 and len(x) >= 1 and components >= 1, (x.shape, components)
     x = x.double()
     n, d = x.shape
-    k = min(components, len(torch.unique(x, dim=0)))
+    m = min(components, len(torch.unique(x, dim=0)))
     centre = x.mean(0)
     x = x - centre  # second moments about the data's mean keep the M-step's subtraction accurate
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -63,11 +63,11 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
     sq = x.pow(2).sum(1)
     # Greedy k-means++ seeding: each next mean is, of a few points drawn with probability ~ squared
     # distance to the means so far, the one that leaves the smallest total squared distance. With
-    # k distinct points at most, some point is always at a positive distance.
-    trials = 2 + int(math.log(k))
+    # m distinct points at most, some point is always at a positive distance.
+    trials = 2 + int(math.log(m))
     means = x[torch.randint(n, (1,), generator=g, device=x.device)]
     dist = (x - means[0]).pow(2).sum(1)
-    for _ in range(1, k):
+    for _ in range(1, m):
         cand = torch.multinomial(dist / dist.sum(), trials, replacement=True, generator=g)
         d_cand = torch.minimum(dist, sq.unsqueeze(0) - 2 * x[cand] @ x.T + sq[cand].unsqueeze(1))  # [trials, N]
         best = int(d_cand.sum(1).argmin())
@@ -75,10 +75,10 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
         dist = d_cand[best].clamp(min=0)
     for _ in range(10):  # k-means (Lloyd) steps; an emptied cluster keeps its mean
         nearest = (sq.unsqueeze(1) - 2 * x @ means.T + means.pow(2).sum(1)).argmin(1)
-        counts = torch.bincount(nearest, minlength=k).double()
+        counts = torch.bincount(nearest, minlength=m).double()
         sums = torch.zeros_like(means).index_add_(0, nearest, x)
         means = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), means)
-    sums, _ = _weighted_sums(x, k, lambda i, xb: (F.one_hot(nearest[i:i + CHUNK], k).to(x.dtype), 0.0))
+    sums, _ = _weighted_sums(x, m, lambda i, xb: (F.one_hot(nearest[i:i + CHUNK], m).to(x.dtype), 0.0))
     weights, means, scale_tril = _m_step(*sums, floor)
     previous = -math.inf
     for _ in range(iterations):
@@ -87,7 +87,7 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
             ll = torch.logsumexp(joint, dim=1, keepdim=True)
             return torch.exp(joint - ll), ll.sum().item()
 
-        sums, total = _weighted_sums(x, k, e_step)
+        sums, total = _weighted_sums(x, m, e_step)
         mean_ll = total / n
         if history is not None:
             history.append(mean_ll)
@@ -98,11 +98,11 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
     return weights.float(), (means + centre).float(), scale_tril.float()
 
 
-def _weighted_sums(x: torch.Tensor, k: int, responsibilities):
-    """Block by block, r = responsibilities(start, block) [B, k] (and a number to add up), then
-    the M-step's sums: counts [k], sum of r x [k, d], sum of r x x^T [k, d, d]."""
+def _weighted_sums(x: torch.Tensor, m: int, responsibilities):
+    """Block by block, r = responsibilities(start, block) [B, m] (and a number to add up), then
+    the M-step's sums: counts [m], sum of r x [m, d], sum of r x x^T [m, d, d]."""
     n, d = x.shape
-    counts, sum_x, sum_xx = x.new_zeros(k), x.new_zeros(k, d), x.new_zeros(k, d * d)
+    counts, sum_x, sum_xx = x.new_zeros(m), x.new_zeros(m, d), x.new_zeros(m, d * d)
     total = 0.0
     for i in range(0, n, CHUNK):
         xb = x[i:i + CHUNK]
@@ -111,7 +111,7 @@ def _weighted_sums(x: torch.Tensor, k: int, responsibilities):
         counts += r.sum(0)
         sum_x += r.T @ xb
         sum_xx += r.T @ (xb.unsqueeze(2) * xb.unsqueeze(1)).flatten(1)
-    return (counts, sum_x, sum_xx.view(k, d, d)), total
+    return (counts, sum_x, sum_xx.view(m, d, d)), total
 
 
 def describe(fitted: dict, num_classes: int, asked: int, points: int, seconds: float) -> str:
@@ -136,19 +136,19 @@ def fit_to_model(model: VAE, images: torch.Tensor, labels: torch.Tensor, compone
     one M for every group (the smallest group's fit), or None if a class has no image."""
     was_training = model.training
     model.eval()
-    k = model.config.num_classes
+    classes = model.config.num_classes
     noise = torch.Generator(device=model.device).manual_seed(seed)
     # filled in place: kept views of the batches' outputs fragmented glibc's heap, resident memory grew per batch
     z = torch.empty(len(images), model.config.latent_dim)
     for i in range(0, len(images), batch_size):
         x = to_unit(images[i:i + batch_size].to(model.device))
-        y = labels[i:i + batch_size].to(model.device) if k else None
+        y = labels[i:i + batch_size].to(model.device) if classes else None
         mu, logvar = model.encode(x, y)
         if posterior_samples:
             mu = reparameterize(mu, logvar, torch.randn(mu.shape, generator=noise, device=mu.device))
         z[i:i + batch_size] = mu
     model.train(was_training)
-    groups = [z] if k == 0 else [z[labels.cpu() == g] for g in range(k)]
+    groups = [z] if classes == 0 else [z[labels.cpu() == g] for g in range(classes)]
     if min(len(points) for points in groups) == 0:
         return None
     fits = [fit(points, components, seed=seed + g) for g, points in enumerate(groups)]

@@ -36,19 +36,19 @@ def main(argv=None) -> int:
     model, ckpt = cli.load_vae(args.checkpoint, map_location="cpu")  # a bad file: refused before the lock
     with Lock(args.checkpoint, read_at=stamp):
         model.to(device)
-        k = default_components(model.config.num_classes) if args.components is None else args.components
-        ckpt["args"]["mixture_components"] = k  # the run's own choice from now on: a --resume keeps it
-        if k == 0:
+        components = default_components(model.config.num_classes) if args.components is None else args.components
+        ckpt["args"]["mixture_components"] = components  # the run's own choice from now on: a --resume keeps it
+        if components == 0:
             ckpt["latent_mixture"] = None
             print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")
         else:
             data = TensorDataset.load("train", args.data_dir, device, ckpt["args"]["limit"])  # as trained
             t0 = time.perf_counter()
-            ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, k, args.seed)
+            ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, components, args.seed)
             if ckpt["latent_mixture"] is None:
                 raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
-            print(f"{args.checkpoint}: " + describe(ckpt["latent_mixture"], model.config.num_classes, k, len(data),
-                                                     time.perf_counter() - t0))
+            print(f"{args.checkpoint}: " + describe(ckpt["latent_mixture"], model.config.num_classes, components,
+                                                     len(data), time.perf_counter() - t0))
         save_atomic(with_checksums(ckpt), args.checkpoint)
     return 0
 
