@@ -23,7 +23,7 @@ from lib import cli
 from lib.checks import UserError
 from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
 from lib.evaluation import DEFAULT_WEIGHTS, importance_nll, load_classifier, negative_elbo, sample_scores
-from lib.files import check_output_path, write_atomic
+from lib.files import check_output_path, metrics_path, write_atomic
 from lib.mixture import MAX_COMPONENTS, fit_to_model
 from model import VAE, GaussianMixture
 
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     cli.keep_freed_memory()
     if args.json is not None:
         check_output_path(args.json, "JSON results", devices_ok=True,  # before the work, not after it
-                          reads=(args.checkpoint, args.classifier))
+                          keep={args.checkpoint: "the checkpoint it scores", metrics_path(args.checkpoint):
+                                "that checkpoint's metrics CSV", args.classifier: "the classifier it reads"})
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     binarize, conditional = ckpt["args"]["binarize"], model.config.num_classes > 0
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
 
 def scored(args, ckpt: dict) -> str:
     """What is scored, for the headers: the checkpoint, its epochs (and steps), and which of its weights."""
+    if ckpt["optimizer"] is None:  # train.py always stores one
+        return f"{args.checkpoint} (a model of one's own training loop, saved by lib.training.save_model)"
     steps = f" and {cli.count(ckpt['step'], 'step')} of the next" if ckpt["step"] else ""
     ema = ", the weights' moving average (--ema)" if ckpt["ema"] is not None else ""
     return f"{args.checkpoint} (epoch {ckpt['epoch']}{steps}{ema})"

@@ -17,12 +17,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from lib import cli, training
+from lib import cli, files, training
 from lib.data import to_unit
 from lib.evaluation import importance_nll, negative_elbo
 
 LOG_EVERY = 50  # steps between host syncs (progress bar, non-finite check)
-SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: with --iw-k K, a batch runs in groups of (this // K) images
+SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: a batch runs in groups of (this // K) images, K = --iw-k
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                                f"{args.checkpoint} holds the trained model without it; "
                                + training.resume_hint(args) + " (fits it)")
     print(f"done: test loss {run.metrics[-1]['test_loss']:.2f} nats/image (negative ELBO, beta = 1); "
-          f"checkpoint {args.checkpoint}, metrics {training.metrics_path(args.checkpoint)}")
+          f"checkpoint {args.checkpoint}, metrics {files.metrics_path(args.checkpoint)}")
     return 0
 
 
@@ -54,7 +54,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
     n, bs, steps = len(run.train_set), args.batch_size, run.steps
-    dtype = torch.bfloat16 if run.bf16 else torch.float32  # of the noise, as the encoder's output
+    dtype = torch.bfloat16 if run.bf16 else torch.float32  # the noise's: the encoder's output's, so z is not promoted
     # --compile: the objective as one graph (the noise is drawn outside it: a Generator cannot be traced)
     loss_fn = torch.compile(training.objective) if args.compile else training.objective
     for epoch in range(run.epoch, args.epochs):

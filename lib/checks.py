@@ -209,9 +209,9 @@ def check_mixture(mixture, latent_dim: int, groups: int) -> None:
         raise UserError("latent mixture: weights, means and scale_tril must be float tensors")
     if w.dim() != 2 or w.shape[0] != groups or w.shape[1] < 1:
         raise UserError(f"latent mixture: weights must be [{groups}, M], got {list(w.shape)}")
-    g, k = w.shape
-    if tuple(m.shape) != (g, k, latent_dim) or tuple(L.shape) != (g, k, latent_dim, latent_dim):
-        raise UserError(f"latent mixture: means and scale_tril must be [{g}, {k}, {latent_dim}(, {latent_dim})]")
+    g, c, d = *w.shape, latent_dim  # groups, components, dimensions
+    if tuple(m.shape) != (g, c, d) or tuple(L.shape) != (g, c, d, d):
+        raise UserError(f"latent mixture: means and scale_tril must be [{g}, {c}, {d}(, {d})]")
     if not all(torch.isfinite(t).all() for t in (w, m, L)):
         raise UserError("latent mixture: holds non-finite values")
     if (w <= 0).any() or not torch.allclose(w.sum(1), torch.ones(g, dtype=w.dtype), atol=1e-4):
@@ -359,10 +359,10 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
     path = as_path(path)
     ckpt = load_checkpoint(path, map_location)
-    config = ckpt["model_config"]
-    expected = {f.name for f in fields(config_class)}
-    if set(config) != expected:
-        raise UserError(f"{path}: bad model config: expected the keys {', '.join(sorted(expected))}")
+    config = ckpt["model_config"]  # a field it lacks (added to the config after it was written) takes its default
+    unknown = set(config) - {f.name for f in fields(config_class)}
+    if unknown:
+        raise UserError(f"{path}: bad model config: unknown keys {', '.join(sorted(map(repr, unknown)))}")
     try:
         with torch.device("meta"):  # shapes only: a config far larger than the weights stored allocates nothing
             shapes = {k: v.shape for k, v in model_class(config_class(**config)).state_dict().items()}

@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import sys
+from dataclasses import fields
 
 import torch
 
@@ -167,6 +168,12 @@ def check_flags(args) -> VAEConfig:
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
+def flags_of(config: VAEConfig) -> dict:
+    """The train.py flags (by RUN_FLAGS name) that describe a model config: check_flags' inverse."""
+    return {**{name: getattr(config, name) for name in MODEL_FLAGS}, "channels": list(config.channels),
+            "conditional": config.num_classes > 0}
+
+
 def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
     """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
     and the rules between them, and in agreement with the stored model. A flag the checkpoint does not have (added
@@ -192,8 +199,11 @@ def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
         if not ok:
             raise UserError(f"{path}: bad checkpoint field args[{name!r}]: {v!r} is not a valid {flag}")
     try:
-        if check_flags(argparse.Namespace(**{name: stored[name] for name in RUN_FLAGS})) != config:
-            raise UserError("they describe another model than the stored one")
+        described = check_flags(argparse.Namespace(**{name: stored[name] for name in RUN_FLAGS}))
+        for f in fields(config):
+            if getattr(described, f.name) != getattr(config, f.name):
+                raise UserError(f"they give {f.name} {getattr(described, f.name)!r}, the stored model has "
+                                f"{getattr(config, f.name)!r}")
     except UserError as e:
         raise UserError(f"{path}: bad checkpoint field args: {e}") from None
 
@@ -243,8 +253,8 @@ def pick_precision(name: str, device: torch.device) -> bool:
 
 def keep_freed_memory() -> None:
     """Keep freed tensor memory in the process: glibc serves large blocks with mmap and trims the heap on free, so
-    every CPU step page-faulted its activations back in (benchmarks/epoch_speed.py counts the faults). Blocks under
-    32 MiB now stay in the heap, up to 256 MiB free of it. A no-op where the C library is not glibc."""
+    every CPU step would page-fault its activations back in (benchmarks/epoch_speed.py counts the faults). Blocks
+    under 32 MiB stay in the heap instead, up to 256 MiB free of it. A no-op where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

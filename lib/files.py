@@ -17,14 +17,22 @@ from lib.checks import UserError
 TMP_SUFFIX = ".tmp"
 
 
-def check_output_path(path, what: str = "output file", devices_ok: bool = False, reads=()) -> str:
-    """The one check of an output path, before any work: refuse, in one line, an empty path, a folder, a special
-    file (with devices_ok, a character device or a pipe passes: write_atomic writes to it directly), one of the files
-    the command reads (`reads`, which the output would destroy), an unwritable file, a folder that cannot be made or
-    written, or a name too long for write_atomic's temp file."""
+def metrics_path(checkpoint: str) -> str:
+    """The CSV beside a checkpoint (the file a link points to), named from the whole file name: no two checkpoints
+    share one."""
+    return os.path.realpath(checkpoint) + ".metrics.csv"
+
+
+def check_output_path(path, what: str = "output file", devices_ok: bool = False, keep: dict | None = None) -> str:
+    """The one check of an output path, before any work: refuse, in one line, an empty path, a folder (or a name that
+    ends like one: "out/"), a special file (with devices_ok, a character device or a pipe passes: write_atomic writes
+    to it directly), one of the files in `keep` ({path: what it is}: what the command reads, which the output would
+    destroy), an unwritable file, a folder that cannot be made or written, or a name too long for the temp file."""
     path = os.fspath(path)
     if not path:
         raise UserError(f"empty path given for the {what}")
+    if os.path.basename(path) in ("", ".", ".."):  # realpath would drop the "/" and write a file "out"
+        raise UserError(f"{path}: names a folder, expected a file path for the {what}")
     try:  # stat follows links, /dev/stdout's to a pipe too (its realpath is no path)
         mode = os.stat(path).st_mode
     except OSError as e:  # a missing file is fine; a loop of links in its path is no path at all
@@ -34,8 +42,9 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a folder, expected a path for the {what}")
     target = os.path.realpath(path)
-    if any(os.path.realpath(os.fspath(r)) == target for r in reads):
-        raise UserError(f"{path}: is a file this command reads; refused to replace it with the {what}")
+    for kept, name in (keep or {}).items():
+        if os.path.realpath(os.fspath(kept)) == target:
+            raise UserError(f"{path}: is {name}; refused to replace it with the {what}")
     if mode is not None:
         if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
             raise UserError(f"{path}: not a regular file; refused to replace it with the {what}")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib import cli, files
+from lib import checks, cli, files
 from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
-from lib.data import TensorDataset, load_test_set
+from lib.data import TensorDataset, load_test_set, mnist_mismatch
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
 
@@ -50,12 +50,6 @@ class Run:
     def evaluated(self) -> VAE:
         """What the test loss, the latent mixture, samples and a loaded model use: `ema` where kept, else `model`."""
         return self.ema or self.model
-
-
-def metrics_path(checkpoint: str) -> str:
-    """The CSV beside a checkpoint (the file a link points to), named from the whole file name: no two checkpoints
-    share one."""
-    return os.path.realpath(checkpoint) + ".metrics.csv"
 
 
 @contextlib.contextmanager
@@ -95,7 +89,7 @@ def setup(args):
         config = cli.check_flags(args)
         args.epochs = args.epochs or cli.EPOCHS
     args.res_blocks = config.res_blocks  # the number the model has (the flag's default is None)
-    files.check_output_path(metrics_path(path), "metrics CSV")
+    files.check_output_path(files.metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit, args.binarize)
@@ -148,6 +142,7 @@ def setup(args):
         if args.beta != 1.0 or args.kl_warmup:
             print(f"note: the objective weighs the KL by {args.beta:g}"
                   + (f", ramped from 0 over {cli.count(args.kl_warmup, 'epoch')}" if args.kl_warmup else "")
+                  + (f" (the run ends at {kl_weight(args, args.epochs):g})" if args.kl_warmup > args.epochs else "")
                   + "; every loss reported is the true negative ELBO (weight 1)")
         yield run
 
@@ -220,15 +215,11 @@ def check_finite(stats: torch.Tensor, start: int, stop: int, run: Run, epoch: in
 def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None, seconds: float = 0.0) -> None:
     """Write the checkpoint (atomically): the run after `epoch` complete epochs and `step` steps of
     the next, whose per-step sums are stats[:step]; then the metrics CSV of the complete epochs beside it."""
-    ckpt = {
-        "format": FORMAT, "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
-        "ema": None if run.ema is None else run.ema.state_dict(),
-        "optimizer": run.opt.state_dict(), "epoch": epoch, "step": step,
-        "partial": None if stats is None else stats[:step].cpu(), "partial_seconds": seconds,
-        "rng": {"torch": torch.get_rng_state(), "noise": run.noise.get_state()},
-        "metrics": run.metrics, "args": {k: getattr(run.args, k) for k in ("epochs", *cli.RUN_FLAGS)},
-        "latent_mixture": None if run.evaluated.latent_mixture is None else run.evaluated.latent_mixture.state(),
-    }
+    ckpt = checkpoint(run.model, {k: getattr(run.args, k) for k in ("epochs", *cli.RUN_FLAGS)},
+                      run.evaluated.latent_mixture, ema=None if run.ema is None else run.ema.state_dict(),
+                      optimizer=run.opt.state_dict(), epoch=epoch, step=step,
+                      partial=None if stats is None else stats[:step].cpu(), partial_seconds=seconds,
+                      rng={"torch": torch.get_rng_state(), "noise": run.noise.get_state()}, metrics=run.metrics)
     files.save_atomic(with_checksums(ckpt), run.args.checkpoint)
     buf = io.StringIO()  # written mid-epoch too: an --overwrite stopped in its first epoch leaves no old rows
     known = METRIC_FIELDS + (IW_FIELDS if run.args.iw_k > 1 else ())
@@ -236,8 +227,36 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
     w = csv.DictWriter(buf, fieldnames=known + tuple(extra), lineterminator="\n")
     w.writeheader()
     w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in run.metrics)
-    files.write_atomic(metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))
+    files.write_atomic(files.metrics_path(run.args.checkpoint), lambda f: f.write(buf.getvalue().encode()))
     run.on_disk = f"the last good checkpoint {run.args.checkpoint} (epoch {epoch}) is untouched"
+
+
+def checkpoint(model: VAE, args: dict, mixture: GaussianMixture | None, **state) -> dict:
+    """A checkpoint's fields (lib/checks.py, KEYS): the model, its flags and latent mixture; `state`, what a resume
+    needs (none by default: a model to use, not to resume)."""
+    return {"format": FORMAT, "model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+            "optimizer": None, "epoch": 0, "step": 0, "partial": None, "partial_seconds": 0.0, "rng": None,
+            "metrics": [], "args": args, "latent_mixture": None if mixture is None else mixture.state(), **state}
+
+
+def save_model(model: VAE, path, binarize: bool = False) -> None:
+    """Save a VAE trained by a loop of one's own as a checkpoint that generate.py, evaluate.py, tools/fit_mixture.py
+    and VAE.from_checkpoint read: its config, weights and latent mixture, and the train.py flags that describe it
+    (binarize: it was trained on dynamically binarized images, so evaluation binarizes too); not one to --resume.
+    UserError, before anything is written, for a path as check_output_path refuses it or a model they cannot read."""
+    config = checks.model_of(model)[0]
+    args = {**cli.flags_of(config), "binarize": binarize}
+    path = files.check_output_path(checks.as_path(path), "checkpoint")
+    why = mnist_mismatch(config.image_channels, config.image_size, config.num_classes)
+    try:
+        if not why:
+            cli.check_stored_flags(dict(args), path, config)  # what load_vae will check
+    except UserError as e:
+        why = str(e).removeprefix(f"{path}: ")
+    if why:
+        raise UserError(f"{path}: not saved: the scripts could not read this model: {why}")
+    with files.Lock(path):  # not under a train.py that writes it
+        files.save_atomic(with_checksums(checkpoint(model, args, model.latent_mixture)), path)
 
 
 def fit_latent_mixture(run: Run) -> None:

@@ -490,6 +490,11 @@ def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, c
         s.close()
     line = cli_error(evaluate.main, ["--checkpoint", good, "--json", fifo_dir], capsys)
     assert "is a folder" in line
+    for name in ("new/", "new/.", "new/.."):  # a folder not made yet: "new/" was written as a file "new"
+        line = cli_error(train.main, [*TINY, "--checkpoint", os.path.join(tmp_path, name)], capsys)
+        assert line.endswith(f"{name}: names a folder, expected a file path for the checkpoint")
+        assert cli_error(evaluate.main, ["--checkpoint", good, "--json", os.path.join(tmp_path, "d", name)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "sock"]
     # the metrics CSV's path is checked before any training, too
     ckpt = tmp_path / "run.pt"
     (tmp_path / "run.pt.metrics.csv").mkdir()
@@ -616,11 +621,24 @@ def test_unavailable_device_is_named_not_called_corrupt(good, tmp_path):
         VAE.from_checkpoint(good, map_location="meta")
     assert VAE.from_checkpoint(os.fsencode(good)).config == VAE.from_checkpoint(good).config  # a bytes path
     c = torch.load(good, weights_only=True)
-    del c["model_config"]["latent_dim"]
+    c["model_config"]["decoder"] = "upsample"  # a field this code's VAEConfig does not have
     torch.save(c, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad model config") as e:  # a bytes path is named as text
+    with pytest.raises(ValueError, match="bad model config: unknown keys 'decoder'") as e:  # a bytes path: as text
         VAE.from_checkpoint(os.fsencode(tmp_path / "bad.pt"))
     assert str(e.value).startswith(str(tmp_path / "bad.pt"))
+
+
+def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(good, tmp_path, capsys):
+    c = load_checkpoint(good)
+    assert c["model_config"]["flow_prior"] == VAEConfig.flow_prior
+    del c["model_config"]["flow_prior"]  # as a checkpoint written before the field existed
+    torch.save(c, tmp_path / "old.pt")
+    assert VAE.from_checkpoint(tmp_path / "old.pt").config == VAE.from_checkpoint(good).config
+    c["args"]["latent_dim"] += 1  # stored flags that describe another model: the field is named
+    torch.save(c, tmp_path / "bad.pt")
+    line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "bad.pt"], capsys)
+    want = c["model_config"]["latent_dim"]
+    assert line.endswith(f"bad checkpoint field args: they give latent_dim {want + 1}, the stored model has {want}")
 
 
 def test_device_choice_takes_the_first_available_and_names_what_is_missing(monkeypatch):

@@ -15,13 +15,14 @@ from PIL import Image
 import evaluate
 import generate
 import train
-from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script
+from conftest import ROOT, SMALL, TINY, cli_error, one_line_error, read_csv, run_script
 from lib import cli
 from lib.checks import load_checkpoint, with_checksums
 from lib.evaluation import load_classifier
 from lib.data import TensorDataset, load_test_set
 from lib.evaluation import active_dimensions, classify, frechet_distance
-from model import VAE
+from lib.training import save_model
+from model import VAE, VAEConfig
 from tools import fit_mixture, train_classifier
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,11 @@ def test_outputs_never_replace_what_a_script_reads(run_with_mixture, tmp_path, c
     (tmp_path / "link.json").symlink_to(run_with_mixture)
     for out in (run_with_mixture, tmp_path / "link.json"):
         line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--k", 2, "--limit", 5, "--json", out], capsys)
-        assert "a file this command reads" in line
+        assert "is the checkpoint it scores" in line
+    csv = f"{run_with_mixture}.metrics.csv"
+    rows = read_csv(csv)
+    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--json", csv], capsys)
+    assert "is that checkpoint's metrics CSV" in line and read_csv(csv) == rows
     line = cli_error(train_classifier.main, ["--out", run_with_mixture], capsys)
     assert "holds no classifier weights" in line and run_with_mixture.read_bytes() == before
     assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
@@ -272,6 +277,34 @@ def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_pat
     assert VAE.from_checkpoint(ckpt).latent_mixture is None
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img"), "--n", "2"]) == 0
     assert "samples.png  (from the prior: the checkpoint has no latent mixture)" in capsys.readouterr().out
+
+
+def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset, tmp_path, capsys):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(**SMALL, num_classes=10))
+    x, y = mnist_subset
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for i in range(0, 256, 64):
+        loss = vae.loss(x[i:i + 64], y[i:i + 64]).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = tmp_path / "own.pt"
+    save_model(vae, ckpt, binarize=True)
+    loaded = VAE.from_checkpoint(ckpt)
+    assert loaded.config == vae.config and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                                   vae.state_dict().values()))
+    assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "images"), "--n", "2"]) == 0
+    assert evaluate.main(["--checkpoint", str(ckpt), "--k", "2", "--limit", "10"]) == 0
+    assert "(a model of one's own training loop, saved by lib.training.save_model), 10 test images, binarized" in \
+        capsys.readouterr().out
+    assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "1"]) == 0
+    assert "cannot resume" in cli_error(train.main, ["--resume", "--checkpoint", ckpt], capsys)
+    with pytest.raises(ValueError, match="not saved: the scripts could not read this model: it is for 1-channel 32x32"):
+        save_model(VAE(VAEConfig(**SMALL, image_size=32)), tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="not saved: .*--channels sets the conv arch's widths, but --arch is mlp"):
+        save_model(VAE(VAEConfig(arch="mlp", channels=(8, 8))), tmp_path / "mlp.pt")
+    assert not (tmp_path / "big.pt").exists() and not (tmp_path / "mlp.pt").exists()
 
 
 def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):

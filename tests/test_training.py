@@ -194,12 +194,14 @@ def test_auto_precision_is_bf16_only_where_it_is_faster(monkeypatch, cpuinfo, bf
     assert cli.pick_precision("fp32", torch.device("cpu")) is False and cli.pick_precision("bf16", torch.device("cpu"))
 
 
-def test_beta_and_warmup_report_true_elbo(tmp_path):
+def test_beta_and_warmup_report_true_elbo(tmp_path, capsys):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     assert train.main([*TINY, "--epochs", "2", "--checkpoint", str(a)]) == 0
-    assert train.main([*TINY, "--epochs", "2", "--beta", "4", "--kl-warmup", "2", "--checkpoint", str(b)]) == 0
+    capsys.readouterr()
+    assert train.main([*TINY, "--epochs", "2", "--beta", "4", "--kl-warmup", "4", "--checkpoint", str(b)]) == 0
+    assert "weighs the KL by 4, ramped from 0 over 4 epochs (the run ends at 2);" in capsys.readouterr().out
     ma, mb = load_checkpoint(a)["metrics"], load_checkpoint(b)["metrics"]
-    assert [r["kl_weight"] for r in mb] == [2.0, 4.0] and ma[0]["kl_weight"] == 1.0
+    assert [r["kl_weight"] for r in mb] == [1.0, 2.0] and ma[0]["kl_weight"] == 1.0
     for r in mb:  # reported losses are recon + KL, whatever weight the training used
         assert abs(r["test_loss"] - r["recon"] - r["kl"]) < 1e-6
         assert abs(r["train_loss"] - r["train_recon"] - r["train_kl"]) < 1e-6
