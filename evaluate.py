@@ -23,7 +23,7 @@ from lib import cli
 from lib.checks import UserError
 from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
 from lib.evaluation import DEFAULT_WEIGHTS, importance_nll, load_classifier, negative_elbo, sample_scores
-from lib.files import check_output_path, metrics_path, write_atomic
+from lib.files import check_output_path, lock_path, metrics_path, write_atomic
 from lib.mixture import MAX_COMPONENTS, fit_to_model
 from model import VAE, GaussianMixture
 
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     if args.json is not None:
         check_output_path(args.json, "JSON results", devices_ok=True,  # before the work, not after it
                           keep={args.checkpoint: "the checkpoint it scores", metrics_path(args.checkpoint):
-                                "that checkpoint's metrics CSV", args.classifier: "the classifier it reads"})
+                                "that checkpoint's metrics CSV", lock_path(args.checkpoint): "that checkpoint's lock "
+                                "file", args.classifier: "the classifier it reads"})
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
     binarize, conditional = ckpt["args"]["binarize"], model.config.num_classes > 0

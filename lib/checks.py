@@ -355,8 +355,9 @@ def load_checkpoint(path, map_location=None) -> dict:
 
 
 def load_model(path, model_class, config_class, mixture_class, map_location=None):
-    """(model in eval mode on the stored weights' device, checkpoint dict) from a checkpoint: the config, the weights
-    (their moving average, where the run kept one) and the latent mixture, each checked; UserError naming the file."""
+    """(model in eval mode on map_location, else on the CPU (checkpoints store CPU tensors), checkpoint dict) from a
+    checkpoint: the config, the weights (their moving average, where the run kept one) and the latent mixture, each
+    checked; UserError naming the file."""
     path = as_path(path)
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]  # a field it lacks (added to the config after it was written) takes its default
@@ -398,7 +399,8 @@ def check_resumable(ckpt: dict, path, params: list) -> None:
             raise UserError(f"{path}: bad checkpoint field {name}: {why}")
 
     if ckpt["optimizer"] is None or ckpt["rng"] is None or set(ckpt["rng"]) != {"torch", "noise"}:
-        raise UserError(f"{path}: cannot resume: no optimizer state or RNG state")
+        raise UserError(f"{path}: cannot resume: no optimizer state or RNG state (a model saved to be used, by "
+                        "lib.training.save_model, say; --overwrite starts a new run there)")
     require((ckpt["args"]["ema"] > 0) == (ckpt["ema"] is not None), "disagrees with args['ema']", "ema")
     try:
         torch.Generator().set_state(ckpt["rng"]["torch"])

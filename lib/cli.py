@@ -174,10 +174,11 @@ def flags_of(config: VAEConfig) -> dict:
             "conditional": config.num_classes > 0}
 
 
-def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
+def check_stored_flags(stored: dict, path, config: VAEConfig, defaulted=()) -> None:
     """The RUN flags a checkpoint stores (and --epochs), each through its TRAIN_FLAGS type and range
-    and the rules between them, and in agreement with the stored model. A flag the checkpoint does not have (added
-    to the table after it was written) takes its default, in `stored`: a new flag's default keeps the old behaviour."""
+    and the rules between them, and in agreement with the stored model (whose fields in `defaulted` the file lacked).
+    A flag the checkpoint does not have (added to the table after it was written) takes its default, in `stored`: a
+    new flag's default keeps the old behaviour."""
     for flag, run, keywords in TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         if not run and name != "epochs":
@@ -203,7 +204,8 @@ def check_stored_flags(stored: dict, path, config: VAEConfig) -> None:
         for f in fields(config):
             if getattr(described, f.name) != getattr(config, f.name):
                 raise UserError(f"they give {f.name} {getattr(described, f.name)!r}, the stored model has "
-                                f"{getattr(config, f.name)!r}")
+                                f"{getattr(config, f.name)!r}" + (" (the default: its model config lacks the field)"
+                                                                  if f.name in defaulted else ""))
     except UserError as e:
         raise UserError(f"{path}: bad checkpoint field args: {e}") from None
 
@@ -216,7 +218,7 @@ def load_vae(path, map_location=None) -> tuple[VAE, dict]:
     why = mnist_mismatch(c.image_channels, c.image_size, c.num_classes)
     if why:
         raise UserError(f"{path}: this model cannot be used on MNIST: {why}")
-    check_stored_flags(ckpt["args"], path, c)
+    check_stored_flags(ckpt["args"], path, c, {f.name for f in fields(VAEConfig)} - set(ckpt["model_config"]))
     return model, ckpt
 
 

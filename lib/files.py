@@ -12,7 +12,7 @@ import stat
 
 import torch
 
-from lib.checks import UserError
+from lib.checks import UserError, as_path
 
 TMP_SUFFIX = ".tmp"
 
@@ -23,12 +23,18 @@ def metrics_path(checkpoint: str) -> str:
     return os.path.realpath(checkpoint) + ".metrics.csv"
 
 
+def lock_path(checkpoint) -> str:
+    """The file `Lock` locks, beside the file write_atomic replaces."""
+    return os.path.realpath(checkpoint) + ".lock"
+
+
 def check_output_path(path, what: str = "output file", devices_ok: bool = False, keep: dict | None = None) -> str:
     """The one check of an output path, before any work: refuse, in one line, an empty path, a folder (or a name that
     ends like one: "out/"), a special file (with devices_ok, a character device or a pipe passes: write_atomic writes
     to it directly), one of the files in `keep` ({path: what it is}: what the command reads, which the output would
-    destroy), an unwritable file, a folder that cannot be made or written, or a name too long for the temp file."""
-    path = os.fspath(path)
+    destroy), an unwritable file, a folder that cannot be made or written, a name too long for the temp file, or a
+    path that reaches an existing file only through a missing folder and "..": what it names is then ambiguous."""
+    path = as_path(path, what)
     if not path:
         raise UserError(f"empty path given for the {what}")
     if os.path.basename(path) in ("", ".", ".."):  # realpath would drop the "/" and write a file "out"
@@ -42,6 +48,8 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a folder, expected a path for the {what}")
     target = os.path.realpath(path)
+    if mode is None and os.path.exists(target):  # "nodir/../run.pt": no file to the OS, run.pt to realpath
+        raise UserError(f"{path}: goes through a folder that does not exist to {target}; name that file directly")
     for kept, name in (keep or {}).items():
         if os.path.realpath(os.fspath(kept)) == target:
             raise UserError(f"{path}: is {name}; refused to replace it with the {what}")
@@ -73,10 +81,11 @@ def make_folder(path) -> None:
         raise UserError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
 
 
-def write_atomic(path, write) -> None:
-    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`. A symbolic link is
-    followed (its target is replaced); a character device or a pipe (`--json /dev/null`) is written to directly. A
-    failed write (a full disk, say) is a one-line UserError, leaving the previous file as it was and no temp file."""
+def write_atomic(path, write, check=None) -> None:
+    """Call write(f) on a binary temp file beside `path`, fsync it, then (after check(temp path), if given: it raises
+    to keep the previous file) rename it over `path`. A symbolic link is followed (its target is replaced); a
+    character device or a pipe (`--json /dev/null`) is written to directly. A failed write (a full disk, say) is a
+    one-line UserError, leaving the previous file as it was and no temp file."""
     path = check_output_path(path, devices_ok=True)
     target = os.path.realpath(path)
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
@@ -102,6 +111,8 @@ def write_atomic(path, write) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            if check is not None:
+                check(tmp)
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -169,7 +180,7 @@ class Lock:
 
     def __init__(self, path, read_at: int | None = None):
         self.file, self.read_at = os.fspath(path), read_at
-        self.path = os.path.realpath(self.file) + ".lock"  # beside the file write_atomic replaces
+        self.path = lock_path(self.file)
 
     def __enter__(self):
         try:

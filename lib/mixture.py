@@ -117,7 +117,8 @@ def _weighted_sums(x: torch.Tensor, m: int, responsibilities):
 def describe(fitted: dict, num_classes: int, asked: int, points: int, seconds: float) -> str:
     """The line train.py and tools/fit_mixture.py print after `fit_to_model`."""
     got = fitted["weights"].shape[1]
-    return (f"latent mixture: {f'{num_classes} mixtures (one per digit) of ' if num_classes else ''}{got} components"
+    return (f"latent mixture: {f'{num_classes} mixtures (one per digit) of ' if num_classes else ''}{got} "
+            f"component{'' if got == 1 else 's'}"
             f"{f' (of {asked} asked for: fewer distinct points)' if got < asked else ''} fitted to {points:,} "
             f"posterior means in {seconds:.1f} s")
 

@@ -21,7 +21,7 @@ import torch
 
 from lib import checks, cli, files
 from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
-from lib.data import TensorDataset, load_test_set, mnist_mismatch
+from lib.data import TensorDataset, load_test_set
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
 
@@ -232,31 +232,46 @@ def save(run: Run, epoch: int, step: int = 0, stats: torch.Tensor | None = None,
 
 
 def checkpoint(model: VAE, args: dict, mixture: GaussianMixture | None, **state) -> dict:
-    """A checkpoint's fields (lib/checks.py, KEYS): the model, its flags and latent mixture; `state`, what a resume
-    needs (none by default: a model to use, not to resume)."""
-    return {"format": FORMAT, "model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
-            "optimizer": None, "epoch": 0, "step": 0, "partial": None, "partial_seconds": 0.0, "rng": None,
-            "metrics": [], "args": args, "latent_mixture": None if mixture is None else mixture.state(), **state}
+    """A checkpoint's fields (lib/checks.py, KEYS), every tensor on the CPU (a file saved on a GPU loads anywhere):
+    the model, its flags and latent mixture; `state`, what a resume needs (none by default: a model to use)."""
+    def cpu(o):
+        if isinstance(o, dict):
+            return {k: cpu(v) for k, v in o.items()}
+        return [cpu(v) for v in o] if isinstance(o, list) else o.cpu() if isinstance(o, torch.Tensor) else o
+
+    return cpu({"format": FORMAT, "model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+                "optimizer": None, "epoch": 0, "step": 0, "partial": None, "partial_seconds": 0.0, "rng": None,
+                "metrics": [], "args": args, "latent_mixture": None if mixture is None else mixture.state(), **state})
 
 
-def save_model(model: VAE, path, binarize: bool = False) -> None:
+def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False) -> None:
     """Save a VAE trained by a loop of one's own as a checkpoint that generate.py, evaluate.py, tools/fit_mixture.py
     and VAE.from_checkpoint read: its config, weights and latent mixture, and the train.py flags that describe it
     (binarize: it was trained on dynamically binarized images, so evaluation binarizes too); not one to --resume.
-    UserError, before anything is written, for a path as check_output_path refuses it or a model they cannot read."""
+    An existing file is replaced only with overwrite (a metrics CSV beside it, of another run, is removed). The file is
+    read back as the scripts read it before it replaces anything. UserError for a model that is not a model.VAE (the
+    scripts rebuild that class from the config: a subclass's code is not saved), a path check_output_path refuses, or
+    a model the scripts could not read (its config, weights or mixture)."""
+    if type(model) is not VAE:
+        raise UserError(f"save_model saves a model.VAE, got a {type(model).__name__}: the scripts rebuild model.VAE "
+                        "from the config alone")
     config = checks.model_of(model)[0]
-    args = {**cli.flags_of(config), "binarize": binarize}
-    path = files.check_output_path(checks.as_path(path), "checkpoint")
-    why = mnist_mismatch(config.image_channels, config.image_size, config.num_classes)
-    try:
-        if not why:
-            cli.check_stored_flags(dict(args), path, config)  # what load_vae will check
-    except UserError as e:
-        why = str(e).removeprefix(f"{path}: ")
-    if why:
-        raise UserError(f"{path}: not saved: the scripts could not read this model: {why}")
+    path = files.check_output_path(path, "checkpoint")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} exists: pass overwrite=True to replace it")
+
+    def readable(tmp: str) -> None:  # as generate.py and evaluate.py read it
+        try:
+            cli.load_vae(tmp)
+        except UserError as e:
+            raise UserError(f"{path}: not saved: the scripts could not read this model: "
+                            + str(e).replace(f"{tmp}: ", "", 1)) from None
+
+    ckpt = with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture))
     with files.Lock(path):  # not under a train.py that writes it
-        files.save_atomic(with_checksums(checkpoint(model, args, model.latent_mixture)), path)
+        files.write_atomic(path, lambda f: torch.save(ckpt, f), check=readable)
+        if overwrite and os.path.exists(files.metrics_path(path)):
+            os.unlink(files.metrics_path(path))
 
 
 def fit_latent_mixture(run: Run) -> None:

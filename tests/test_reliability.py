@@ -493,8 +493,12 @@ def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, c
     for name in ("new/", "new/.", "new/.."):  # a folder not made yet: "new/" was written as a file "new"
         line = cli_error(train.main, [*TINY, "--checkpoint", os.path.join(tmp_path, name)], capsys)
         assert line.endswith(f"{name}: names a folder, expected a file path for the checkpoint")
-        assert cli_error(evaluate.main, ["--checkpoint", good, "--json", os.path.join(tmp_path, "d", name)], capsys)
+        line = cli_error(evaluate.main, ["--checkpoint", good, "--json", os.path.join(tmp_path, "d", name)], capsys)
+        assert line.endswith(f"{name}: names a folder, expected a file path for the JSON results")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "sock"]
+    (tmp_path / "old.pt").write_bytes(good.read_bytes())  # reached through a folder that is not there: refused
+    line = cli_error(train.main, [*TINY, "--checkpoint", os.path.join(tmp_path, "nodir", "..", "old.pt")], capsys)
+    assert "goes through a folder that does not exist" in line and (tmp_path / "old.pt").read_bytes() == good.read_bytes()
     # the metrics CSV's path is checked before any training, too
     ckpt = tmp_path / "run.pt"
     (tmp_path / "run.pt.metrics.csv").mkdir()
@@ -639,6 +643,14 @@ def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(good,
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "bad.pt"], capsys)
     want = c["model_config"]["latent_dim"]
     assert line.endswith(f"bad checkpoint field args: they give latent_dim {want + 1}, the stored model has {want}")
+    c["args"]["latent_dim"] -= 1
+    del c["model_config"]["activation"]  # a field missing, whose default differs from the run's (relu)
+    c["args"]["activation"] = "relu"
+    torch.save(c, tmp_path / "relu.pt")
+    assert VAE.from_checkpoint(tmp_path / "relu.pt").config.activation == VAEConfig.activation  # the API: the default
+    line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "relu.pt"], capsys)  # the scripts: refused, named
+    assert line.endswith("they give activation 'relu', the stored model has 'silu' (the default: its model config "
+                         "lacks the field)")
 
 
 def test_device_choice_takes_the_first_available_and_names_what_is_missing(monkeypatch):

@@ -174,6 +174,8 @@ def test_outputs_never_replace_what_a_script_reads(run_with_mixture, tmp_path, c
     rows = read_csv(csv)
     line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--json", csv], capsys)
     assert "is that checkpoint's metrics CSV" in line and read_csv(csv) == rows
+    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--json", f"{run_with_mixture}.lock"], capsys)
+    assert "is that checkpoint's lock file" in line
     line = cli_error(train_classifier.main, ["--out", run_with_mixture], capsys)
     assert "holds no classifier weights" in line and run_with_mixture.read_bytes() == before
     assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
@@ -300,11 +302,26 @@ def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset,
         capsys.readouterr().out
     assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "1"]) == 0
     assert "cannot resume" in cli_error(train.main, ["--resume", "--checkpoint", ckpt], capsys)
-    with pytest.raises(ValueError, match="not saved: the scripts could not read this model: it is for 1-channel 32x32"):
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="own.pt exists: pass overwrite=True to replace it"):
+        save_model(vae, ckpt)
+    with torch.no_grad():
+        vae.to_stats.bias.fill_(float("nan"))  # a diverged run: written, read back, refused, the old file kept
+    with pytest.raises(ValueError, match=r"own.pt: not saved: the scripts could not read this model: bad checkpoint "
+                                         r"field model\['to_stats.bias'\]: expected finite"):
+        save_model(vae, ckpt, overwrite=True)
+    assert ckpt.read_bytes() == before and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+    class Mine(VAE):  # its own decode would not be saved: the scripts would score model.VAE's
+        pass
+
+    with pytest.raises(ValueError, match="save_model saves a model.VAE, got a Mine"):
+        save_model(Mine(VAEConfig(**SMALL)), tmp_path / "mine.pt")
+    with pytest.raises(ValueError, match="not saved: the scripts could not read this model: .*1-channel 32x32"):
         save_model(VAE(VAEConfig(**SMALL, image_size=32)), tmp_path / "big.pt")
     with pytest.raises(ValueError, match="not saved: .*--channels sets the conv arch's widths, but --arch is mlp"):
         save_model(VAE(VAEConfig(arch="mlp", channels=(8, 8))), tmp_path / "mlp.pt")
-    assert not (tmp_path / "big.pt").exists() and not (tmp_path / "mlp.pt").exists()
+    assert not {"mine.pt", "big.pt", "mlp.pt"} & set(os.listdir(tmp_path))
 
 
 def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):
