@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         raise UserError(f"--chunk {args.chunk} x --batch-size {args.batch_size}: decoding that many samples "
                         f"at once needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free; lower them")
     test = load_test_set(args.data_dir, device, args.limit, binarize)
-    print(f"device: {device}; {scored(args, ckpt)}, {cli.count(len(test), 'test image')}, "
+    print(f"{cli.device_note(device, args.device)}; {scored(args, ckpt)}, {cli.count(len(test), 'test image')}, "
           f"{'binarized' if binarize else 'grey-level'} protocol, K = {args.k}")
 
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def sample_quality(args, model: VAE, ckpt: dict, device) -> int:
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
     test_set = load_test_set(args.data_dir, device, args.limit)
     source = "a latent mixture" if model.latent_mixture is not None else "the prior (no latent mixture)"
-    print(f"device: {device}; {scored(args, ckpt)}: {cli.count(args.samples, 'sample')} from "
+    print(f"{cli.device_note(device, args.device)}; {scored(args, ckpt)}: {cli.count(args.samples, 'sample')} from "
           f"{source} against {cli.count(len(test_set), 'test image')}")
     t0 = time.perf_counter()
     r = sample_scores(model, classifier, train_set, test_set, args.samples, args.seed)

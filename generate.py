@@ -49,6 +49,7 @@ def main(argv=None) -> int:
         raise UserError("empty path given for --out (the folder for the images)")
     device = cli.pick_device(args.device)
     model, ckpt = cli.load_vae(args.checkpoint, map_location=device)
+    print(cli.device_note(device, args.device))
     classes = model.config.num_classes
     if args.digit is not None and not classes:
         raise UserError(f"{args.checkpoint}: --digit needs a conditional checkpoint (train with --conditional)")

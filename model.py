@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checks import check_config, check_input, check_latent, load_model
+from lib.checks import check_config, check_group, check_input, check_latent, load_model
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU}
@@ -103,7 +103,7 @@ class StandardNormal(nn.Module):
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(latent_dim), persistent=False)  # only its device is used
+        self.register_buffer("mean", torch.zeros(latent_dim), persistent=False)  # its size and device are used
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """z = u: noise to z, as FlowPrior.forward (the flow with no layers)."""
@@ -185,20 +185,20 @@ class GaussianMixture(nn.Module):
         return {name: getattr(self, name).cpu() for name in ("weights", "means", "scale_tril")}
 
     def _group(self, group: int | None) -> int:
-        if group is None and len(self.weights) > 1:  # the caller's mistake, refused under python -O too
-            raise ValueError("a mixture per class is p(z|y), not one p(z): pass group= (the class)")
-        return group or 0
+        return check_group(group, len(self.weights))
 
     def sample(self, n: int, generator: torch.Generator | None = None, group: int | None = None) -> torch.Tensor:
         """[n, d] from one group (None: the only one): n component draws by weight (torch.multinomial), then n normal
-        draws (torch.randn), z = mean + L eps, in that order (what "same seed, same images" rests on)."""
+        draws (torch.randn), z = mean + L eps, in that order (what "same seed, same images" rests on). UserError (a
+        ValueError) for a group that is not one of the mixture's."""
         w, m, L = (t[self._group(group)] for t in (self.weights, self.means, self.scale_tril))
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
         eps = torch.randn(n, m.shape[1], generator=generator, device=m.device)
         return m[comp] + (L[comp] @ eps.unsqueeze(-1)).squeeze(-1)
 
     def log_prob(self, z: torch.Tensor, group: int | None = None) -> torch.Tensor:
-        """log p(z) in nats under one group (None: the only one), in float64, returned fp32: [..., d] -> [...]."""
+        """log p(z) in nats under one group (None: the only one), in float64, returned fp32: [..., d] -> [...].
+        UserError (a ValueError) for a group that is not one of the mixture's."""
         w, m, L = (t[self._group(group)].double() for t in (self.weights, self.means, self.scale_tril))
         flat = z.reshape(-1, z.shape[-1]).double()
         return torch.logsumexp(log_normal(flat, m, L) + w.log(), dim=1).float().view(z.shape[:-1])
@@ -371,7 +371,8 @@ class VAE(nn.Module):
         each image's from its label's mixture, class by class in increasing order), else, or with
         prior=True, from the model's prior p(z) (N(0, I), or the learned one); all draws from
         `generator`. labels: one label for all n, or n of them (conditional models only).
-        UserError (a ValueError) for n < 1 or labels the model cannot take."""
+        UserError (a ValueError) for n < 1, labels the model cannot take, or a latent mixture of other shapes than
+        the model's (a group per class, latent_dim dimensions)."""
         labels = check_latent(self, None, labels, n, generator, prior)
         labels = None if labels is None else labels.to(self.device)
         mixture = None if prior else self.latent_mixture
@@ -380,7 +381,6 @@ class VAE(nn.Module):
         elif labels is None:
             z = mixture.sample(n, generator)
         else:
-            assert mixture.weights.shape[0] == self.config.num_classes, "one mixture group per class"
             z = torch.empty(n, self.config.latent_dim, device=self.device)
             for g in range(self.config.num_classes):
                 idx = (labels == g).nonzero().squeeze(1)
@@ -390,7 +390,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
-        """Decoder means at the posterior means: [B, C, H, W] -> [B, C, H, W] in [0, 1]."""
+        """Decoder means at the posterior means: [B, C, H, W] -> [B, C, H, W] in [0, 1]. UserError (a ValueError) for
+        bad images or labels (as `encode`)."""
         labels = check_input(self, x, labels)
         mu, _ = self._encode(x, labels)
         return torch.sigmoid(self.decode(mu, labels))

@@ -174,8 +174,21 @@ def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) 
         raise UserError(f"n must be an int >= 1, got {n!r}")
     if not isinstance(prior, bool):
         raise UserError(f"prior must be True or False, got {prior!r}")
+    mixture = None if z is not None or prior else model.latent_mixture
+    if mixture is not None and tuple(mixture.means.shape[::2]) != (max(1, config.num_classes), config.latent_dim):
+        raise UserError(f"latent_mixture: {mixture.means.shape[0]} groups of {mixture.means.shape[2]}-d components; "
+                        f"this model samples from {max(1, config.num_classes)} (one per class) of {config.latent_dim}")
     check_generator(generator, device)
     return as_labels(labels, config.num_classes, len(z) if z is not None else n, None if z is None else z.device)
+
+
+def check_group(group, groups: int) -> int:
+    """The group of a GaussianMixture's `groups` that `group` names (None: the only one)."""
+    if group is None and groups > 1:
+        raise UserError("a mixture per class is p(z|y), not one p(z): pass group= (the class)")
+    if group is not None and not (is_int(group) and 0 <= group < groups):
+        raise UserError(f"group must be an int in [0, {groups - 1}], got {group!r}")
+    return group or 0
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -361,7 +374,8 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     path = as_path(path)
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]  # a field it lacks (added to the config after it was written) takes its default
-    unknown = set(config) - {f.name for f in fields(config_class)}
+    names = {f.name for f in fields(config_class)}
+    unknown, defaulted = set(config) - names, sorted(names - set(config))
     if unknown:
         raise UserError(f"{path}: bad model config: unknown keys {', '.join(sorted(map(repr, unknown)))}")
     try:
@@ -376,7 +390,8 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
             if got != want:
                 raise UserError(f"{path}: weights do not fit the stored model config: {key}[{name!r}] is "
                                 f"{'missing' if got is None else list(got)}, the config makes "
-                                f"{'none' if want is None else list(want)}")
+                                f"{'none' if want is None else list(want)}"
+                                + (f" (it lacks {', '.join(defaulted)}: taken as the defaults)" if defaulted else ""))
     model = model_class(config_class(**config))
     for key in kept:
         model.load_state_dict(ckpt[key])

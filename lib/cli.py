@@ -110,7 +110,7 @@ TRAIN_FLAGS = (
     ("--device", GIVEN, dict(default="auto", choices=("auto", "cpu", "cuda", "mps"),
                              help="auto picks cuda, then mps, then cpu")),
     ("--data-dir", GIVEN, dict(default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (default: dataset/)")),
-    ("--compile", GIVEN, dict(action="store_true", help="torch.compile the objective (~30 s of start-up on 2 cores)")),
+    ("--compile", GIVEN, dict(action="store_true", help="torch.compile the objective (compiling adds start-up time)")),
 )
 RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
 # each flag's value when not given (argparse's: False for a switch, else `default`)
@@ -235,6 +235,11 @@ def pick_device(name: str) -> torch.device:
     if why:
         raise UserError(f"--device {name}: {why} (try --device auto)")
     return torch.device(name)
+
+
+def device_note(device: torch.device, name: str) -> str:
+    """What every script prints first: 'device: cpu', and whether --device auto picked it."""
+    return f"device: {device}" + (" (picked by --device auto)" if name == "auto" else "")
 
 
 def pick_precision(name: str, device: torch.device) -> bool:

@@ -1,7 +1,8 @@
 """MNIST from torchvision's layout (`<data_dir>/MNIST/raw/*-ubyte(.gz)`): each file verified (gzip, IDX header,
 length, the SHA-256 of dataset/MNIST/raw/SHA256SUMS), decompressed beside its .gz if needed, and decoded once into
-a uint8 tensor [N, 1, 28, 28] that lives on the training device (no PIL or ToTensor per sample). Nothing is ever
-deleted or overwritten: a bad file is reported, one line naming it, and left for the user.
+a uint8 tensor [N, 1, 28, 28] that lives on the training device (no PIL or ToTensor per sample). No data file is
+ever deleted or overwritten (only a failed download's empty folders and dead processes' temp files are removed): a
+bad file is reported, one line naming it, and left for the user.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def _read_or_download(data_dir: str, names) -> list[bytearray]:
         try:
             _download(data_dir)
             found = [read_file(raw, name) for name in names]
-            assert None not in found, "the files are still missing after the download"
+            if None in found:
+                raise OSError("the files are still missing after the download")
         except BaseException as e:  # any failure of the fallback becomes the one-line message below
             for folder in new:  # what a failed download made, if empty
                 if os.path.isdir(folder) and not os.listdir(folder):

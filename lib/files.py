@@ -33,7 +33,7 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     ends like one: "out/"), a special file (with devices_ok, a character device or a pipe passes: write_atomic writes
     to it directly), one of the files in `keep` ({path: what it is}: what the command reads, which the output would
     destroy), an unwritable file, a folder that cannot be made or written, a name too long for the temp file, or a
-    path that reaches an existing file only through a missing folder and "..": what it names is then ambiguous."""
+    ".." after a folder that does not exist ("nodir/../run.pt": the OS finds no file there, realpath finds run.pt)."""
     path = as_path(path, what)
     if not path:
         raise UserError(f"empty path given for the {what}")
@@ -48,10 +48,13 @@ def check_output_path(path, what: str = "output file", devices_ok: bool = False,
     if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a folder, expected a path for the {what}")
     target = os.path.realpath(path)
-    if mode is None and os.path.exists(target):  # "nodir/../run.pt": no file to the OS, run.pt to realpath
-        raise UserError(f"{path}: goes through a folder that does not exist to {target}; name that file directly")
+    parts = path.split(os.sep)
+    for i in (i for i, part in enumerate(parts) if part == ".."):
+        folder = os.sep.join(parts[:i]) or (os.sep if path.startswith(os.sep) else os.curdir)
+        if not os.path.isdir(folder):
+            raise UserError(f"{path}: '..' after {folder}, which is not a folder; name the file without it")
     for kept, name in (keep or {}).items():
-        if os.path.realpath(os.fspath(kept)) == target:
+        if os.path.realpath(as_path(kept)) == target:
             raise UserError(f"{path}: is {name}; refused to replace it with the {what}")
     if mode is not None:
         if not (stat.S_ISREG(mode) or devices_ok and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
@@ -81,11 +84,10 @@ def make_folder(path) -> None:
         raise UserError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
 
 
-def write_atomic(path, write, check=None) -> None:
-    """Call write(f) on a binary temp file beside `path`, fsync it, then (after check(temp path), if given: it raises
-    to keep the previous file) rename it over `path`. A symbolic link is followed (its target is replaced); a
-    character device or a pipe (`--json /dev/null`) is written to directly. A failed write (a full disk, say) is a
-    one-line UserError, leaving the previous file as it was and no temp file."""
+def write_atomic(path, write) -> None:
+    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`. A symbolic link is
+    followed (its target is replaced); a character device or a pipe (`--json /dev/null`) is written to directly. A
+    failed write (a full disk, say) is a one-line UserError, leaving the previous file as it was and no temp file."""
     path = check_output_path(path, devices_ok=True)
     target = os.path.realpath(path)
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
@@ -111,8 +113,6 @@ def write_atomic(path, write, check=None) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            if check is not None:
-                check(tmp)
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):

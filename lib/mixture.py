@@ -139,7 +139,7 @@ def fit_to_model(model: VAE, images: torch.Tensor, labels: torch.Tensor, compone
     model.eval()
     classes = model.config.num_classes
     noise = torch.Generator(device=model.device).manual_seed(seed)
-    # filled in place: kept views of the batches' outputs fragmented glibc's heap, resident memory grew per batch
+    # filled in place: keeping views of each batch's output would fragment glibc's heap, memory growing per batch
     z = torch.empty(len(images), model.config.latent_dim)
     for i in range(0, len(images), batch_size):
         x = to_unit(images[i:i + batch_size].to(model.device))

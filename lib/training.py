@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -99,7 +100,7 @@ def setup(args):
     bf16 = cli.pick_precision(args.precision, device)
     with files.Lock(path, read_at=stamp):
         files.remove_stale_temp_files(path)  # only its own, of processes no longer alive
-        print(f"device: {device}" + (" (picked by --device auto)" if args.device == "auto" else "")
+        print(cli.device_note(device, args.device)
               + f", precision: {'bf16 autocast' if bf16 else 'fp32'}")
         torch.manual_seed(args.seed)  # the initial weights
         # channels_last: the layout the CPU's and GPU's convolution kernels prefer (benchmarks/README.md)
@@ -236,7 +237,9 @@ def checkpoint(model: VAE, args: dict, mixture: GaussianMixture | None, **state)
     the model, its flags and latent mixture; `state`, what a resume needs (none by default: a model to use)."""
     def cpu(o):
         if isinstance(o, dict):
-            return {k: cpu(v) for k, v in o.items()}
+            out = copy.copy(o)  # a state dict's own type and metadata, in a new dict: the optimiser's stays on device
+            out.update((k, cpu(v)) for k, v in o.items())
+            return out
         return [cpu(v) for v in o] if isinstance(o, list) else o.cpu() if isinstance(o, torch.Tensor) else o
 
     return cpu({"format": FORMAT, "model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
@@ -249,27 +252,35 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
     and VAE.from_checkpoint read: its config, weights and latent mixture, and the train.py flags that describe it
     (binarize: it was trained on dynamically binarized images, so evaluation binarizes too); not one to --resume.
     An existing file is replaced only with overwrite (a metrics CSV beside it, of another run, is removed). The file is
-    read back as the scripts read it before it replaces anything. UserError for a model that is not a model.VAE (the
-    scripts rebuild that class from the config: a subclass's code is not saved), a path check_output_path refuses, or
-    a model the scripts could not read (its config, weights or mixture)."""
-    if type(model) is not VAE:
-        raise UserError(f"save_model saves a model.VAE, got a {type(model).__name__}: the scripts rebuild model.VAE "
-                        "from the config alone")
+    read back as the scripts read it before anything is written there. UserError for a model that is not a model.VAE
+    (the scripts rebuild that class from the config: a subclass's code is not saved), a path check_output_path
+    refuses, or a model the scripts could not read (its config, weights or mixture)."""
+    if type(model) is not VAE or not isinstance(model.latent_mixture, (GaussianMixture, type(None))):
+        raise UserError(f"save_model saves a model.VAE (with a GaussianMixture or None as its latent_mixture), got a "
+                        f"{type(model).__name__}: the scripts rebuild model.VAE from the config alone")
+    if not (isinstance(binarize, bool) and isinstance(overwrite, bool)):
+        raise UserError(f"binarize and overwrite must be True or False, got {binarize!r} and {overwrite!r}")
     config = checks.model_of(model)[0]
     path = files.check_output_path(path, "checkpoint")
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} exists: pass overwrite=True to replace it")
+    files.check_output_path(files.metrics_path(path), "metrics CSV")
 
-    def readable(tmp: str) -> None:  # as generate.py and evaluate.py read it
+    def refuse_existing():
+        if os.path.exists(path) and not overwrite:
+            raise UserError(f"{path} exists: pass overwrite=True to replace it")
+
+    refuse_existing()
+    ckpt = with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture))
+    with tempfile.TemporaryDirectory() as folder:  # read back as generate.py and evaluate.py read it
+        tmp = os.path.join(folder, "model.pt")
+        torch.save(ckpt, tmp)
         try:
             cli.load_vae(tmp)
         except UserError as e:
             raise UserError(f"{path}: not saved: the scripts could not read this model: "
                             + str(e).replace(f"{tmp}: ", "", 1)) from None
-
-    ckpt = with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture))
     with files.Lock(path):  # not under a train.py that writes it
-        files.write_atomic(path, lambda f: torch.save(ckpt, f), check=readable)
+        refuse_existing()  # nor over a file saved since the check above
+        files.save_atomic(ckpt, path)
         if overwrite and os.path.exists(files.metrics_path(path)):
             os.unlink(files.metrics_path(path))
 

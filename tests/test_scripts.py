@@ -54,7 +54,8 @@ def test_generate_writes_valid_pngs_and_repeats(trained, tmp_path):
     ckpt, _ = trained
     proc = run_script("generate.py", "--checkpoint", ckpt, "--out", tmp_path / "a", "--seed", 3)  # as a user runs it
     assert proc.returncode == 0, proc.stderr
-    outs = [[line.split()[0] for line in proc.stdout.splitlines()]]
+    assert proc.stdout.startswith("device: cpu (picked by --device auto)\n")
+    outs = [[line.split()[0] for line in proc.stdout.splitlines()[1:]]]
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--seed", "3"]) == 0
     outs.append([p.replace(str(tmp_path / "a"), str(tmp_path / "b")) for p in outs[0]])
     names = [p.rsplit("/", 1)[1] for p in outs[0]]
@@ -311,17 +312,25 @@ def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset,
                                          r"field model\['to_stats.bias'\]: expected finite"):
         save_model(vae, ckpt, overwrite=True)
     assert ckpt.read_bytes() == before and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    with pytest.raises(ValueError, match="not saved"):  # nothing made on the way: no folder, no lock file
+        save_model(vae, tmp_path / "new" / "x.pt")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "own.pt.metrics.csv").write_text("epoch\n1\n")  # the replaced run's history goes with it
+    save_model(VAE(VAEConfig(**SMALL, num_classes=10)), ckpt, overwrite=True)
+    assert ckpt.read_bytes() != before and not (tmp_path / "own.pt.metrics.csv").exists()
+    with pytest.raises(ValueError, match="binarize and overwrite must be True or False, got 1 and False"):
+        save_model(vae, tmp_path / "b.pt", binarize=1)
 
     class Mine(VAE):  # its own decode would not be saved: the scripts would score model.VAE's
         pass
 
-    with pytest.raises(ValueError, match="save_model saves a model.VAE, got a Mine"):
+    with pytest.raises(ValueError, match=r"save_model saves a model.VAE \(with a GaussianMixture .*\), got a Mine"):
         save_model(Mine(VAEConfig(**SMALL)), tmp_path / "mine.pt")
     with pytest.raises(ValueError, match="not saved: the scripts could not read this model: .*1-channel 32x32"):
         save_model(VAE(VAEConfig(**SMALL, image_size=32)), tmp_path / "big.pt")
     with pytest.raises(ValueError, match="not saved: .*--channels sets the conv arch's widths, but --arch is mlp"):
         save_model(VAE(VAEConfig(arch="mlp", channels=(8, 8))), tmp_path / "mlp.pt")
-    assert not {"mine.pt", "big.pt", "mlp.pt"} & set(os.listdir(tmp_path))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("mine", "big", "mlp", "b.pt"))]
 
 
 def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):

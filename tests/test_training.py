@@ -118,7 +118,7 @@ def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
     """--compile hands VAE.loss to torch.compile and trains with what it returns."""
     compiled, calls = [], []
 
-    def fake_compile(fn, **kw):  # records what is compiled; runs it eagerly (a real compile: ~30 s)
+    def fake_compile(fn, **kw):  # records what is compiled; runs it eagerly (a real compile is slow)
         compiled.append(fn)
 
         def compiled_fn(*args, **kwargs):

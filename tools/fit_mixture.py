@@ -35,9 +35,10 @@ def main(argv=None) -> int:
     stamp = modified(args.checkpoint)
     model, ckpt = cli.load_vae(args.checkpoint, map_location="cpu")  # a bad file: refused before the lock
     with Lock(args.checkpoint, read_at=stamp):
+        print(cli.device_note(device, args.device))
         model.to(device)
         components = default_components(model.config.num_classes) if args.components is None else args.components
-        ckpt["args"]["mixture_components"] = components  # the run's own choice from now on: a --resume keeps it
+        ckpt["args"]["mixture_components"] = components  # the run's own choice, which a --resume keeps
         if components == 0:
             ckpt["latent_mixture"] = None
             print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         except UserError:
             raise UserError(f"{args.out}: exists and holds no classifier weights; refused to replace it") from None
     device = cli.pick_device(args.device)
+    print(cli.device_note(device, args.device))
     train_set = TensorDataset.load("train", args.data_dir, device)
     test_set = load_test_set(args.data_dir, device)
     torch.manual_seed(args.seed)
