@@ -69,7 +69,7 @@ def test_the_top_level_is_what_a_user_runs_and_the_code_stays_small():
     top = sorted(f for f in SOURCES if os.sep not in f)
     assert top == ["evaluate.py", "generate.py", "model.py", "train.py"], top
     size = sum(lines(f) for f in SOURCES if not f.startswith("benchmarks"))
-    assert size <= 2900, f"{size} lines: the project's budget against growth (room for a small extension; a fork " \
+    assert size <= 3000, f"{size} lines: the project's budget against growth (room for a small extension; a fork " \
         "that adds more raises it)"
     assert lines("model.py") + lines("train.py") <= 600
 
