@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import operator
 import os
 import pickle
 import warnings
@@ -174,21 +175,26 @@ def check_latent(model, z, labels, n=None, generator=None, prior: bool = False) 
         raise UserError(f"n must be an int >= 1, got {n!r}")
     if not isinstance(prior, bool):
         raise UserError(f"prior must be True or False, got {prior!r}")
-    mixture = None if z is not None or prior else model.latent_mixture
-    if mixture is not None and tuple(mixture.means.shape[::2]) != (max(1, config.num_classes), config.latent_dim):
-        raise UserError(f"latent_mixture: {mixture.means.shape[0]} groups of {mixture.means.shape[2]}-d components; "
-                        f"this model samples from {max(1, config.num_classes)} (one per class) of {config.latent_dim}")
+    means = getattr(None if z is not None or prior else model.latent_mixture, "means", None)  # a GaussianMixture's
+    if isinstance(means, torch.Tensor) and tuple(means.shape[::2]) != (max(1, config.num_classes), config.latent_dim):
+        want = f"{config.num_classes} (one per class)" if config.num_classes else "1"
+        raise UserError(f"latent_mixture: {means.shape[0]} group{'s' if len(means) != 1 else ''} of {means.shape[2]}-d "
+                        f"components; this model samples from {want} of {config.latent_dim}")
     check_generator(generator, device)
     return as_labels(labels, config.num_classes, len(z) if z is not None else n, None if z is None else z.device)
 
 
 def check_group(group, groups: int) -> int:
-    """The group of a GaussianMixture's `groups` that `group` names (None: the only one)."""
+    """The group of a GaussianMixture's `groups` that `group` names (None: the only one; an int, numpy or 0-d)."""
     if group is None and groups > 1:
         raise UserError("a mixture per class is p(z|y), not one p(z): pass group= (the class)")
-    if group is not None and not (is_int(group) and 0 <= group < groups):
+    try:
+        index = 0 if group is None else operator.index(group)
+    except TypeError:
+        index = None
+    if isinstance(group, bool) or index is None or not 0 <= index < groups:
         raise UserError(f"group must be an int in [0, {groups - 1}], got {group!r}")
-    return group or 0
+    return index
 
 
 def unavailable(device: torch.device) -> str | None:

@@ -270,9 +270,14 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
 
     refuse_existing()
     ckpt = with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture))
-    with tempfile.TemporaryDirectory() as folder:  # read back as generate.py and evaluate.py read it
-        tmp = os.path.join(folder, "model.pt")
+    try:
+        scratch = tempfile.TemporaryDirectory()  # for a copy read back as generate.py and evaluate.py read it
+        tmp = os.path.join(scratch.name, "model.pt")
         torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        raise UserError(f"{path}: not saved: cannot write its read-back copy in {tempfile.gettempdir()} "
+                        f"({checks.first_line(e)})") from None
+    with scratch:
         try:
             cli.load_vae(tmp)
         except UserError as e:

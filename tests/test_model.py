@@ -1,5 +1,6 @@
 """The model's API: shapes, the loss, labels, the config, the latent mixture, checkpoints."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,7 +151,7 @@ def test_conditional_model_samples_each_digit_from_its_own_mixture():
     m.sample(4, labels=labels, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(seen[-1][:, 0], labels.float() * 10, atol=0.1)
     m.latent_mixture = GaussianMixture(**hand_made_mixture(1, 3))  # one mixture for a model with 10 classes
-    with pytest.raises(ValueError, match=r"latent_mixture: 1 groups of 3-d components; this model samples from 10 \(one"):
+    with pytest.raises(ValueError, match=r"latent_mixture: 1 group of 3-d components; this model samples from 10 \("):
         m.sample(4, labels=labels)
     assert m.sample(4, labels=labels, prior=True).shape == (4, 1, 28, 28)  # the prior needs no mixture
 
@@ -207,9 +208,11 @@ def test_a_mixture_per_class_is_no_prior_without_its_class():
         m.log_likelihood(x, [1, 2], k=2, prior=m.latent_mixture)
     with pytest.raises(ValueError, match="pass group="):  # called directly, and under python -O too
         m.latent_mixture.log_prob(torch.zeros(3, SMALL["latent_dim"]))
-    for group in (-1, 10, 1.0, True):  # -1 would be the last class, silently
+    for group in (-1, 10, 1.0, True, torch.tensor([1, 2])):  # -1 would be the last class, silently
         with pytest.raises(ValueError, match=r"group must be an int in \[0, 9\]"):
             m.latent_mixture.sample(2, group=group)
+    for group in (np.int64(3), torch.tensor(3)):  # a label taken from an array or a tensor
+        assert m.latent_mixture.sample(2, group=group).shape == (2, SMALL["latent_dim"])
     assert m.sample(4, [0, 1, 2, 3]).shape == (4, 1, 28, 28)  # sampling names each class
 
 

@@ -27,7 +27,7 @@ from model import VAE, VAEConfig
 from tools import fit_mixture
 
 # More steps per epoch than TINY, so a signal lands mid-epoch.
-SLOW = [*TINY, "--limit", "2048", "--batch-size", "16"]  # 128 steps per epoch
+SLOW = [*TINY, "--limit", "2048", "--batch-size", "16", "--ema", "0.9"]  # 128 steps per epoch; the average resumed too
 
 # Runs train.main in a subprocess with os.replace slowed down for the Nth checkpoint write, so the
 # test can SIGKILL it while the new checkpoint exists only as a complete temp file.

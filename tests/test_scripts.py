@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -282,7 +283,7 @@ def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_pat
     assert "samples.png  (from the prior: the checkpoint has no latent mixture)" in capsys.readouterr().out
 
 
-def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset, tmp_path, capsys):
+def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset, tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     vae = VAE(VAEConfig(**SMALL, num_classes=10))
     x, y = mnist_subset
@@ -320,6 +321,11 @@ def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset,
     assert ckpt.read_bytes() != before and not (tmp_path / "own.pt.metrics.csv").exists()
     with pytest.raises(ValueError, match="binarize and overwrite must be True or False, got 1 and False"):
         save_model(vae, tmp_path / "b.pt", binarize=1)
+    (tmp_path / "b.pt.file").touch()
+    with monkeypatch.context() as patch, pytest.raises(ValueError, match="b.pt: not saved: cannot write its read-back "
+                                                                         "copy in .*b.pt.file"):
+        patch.setattr(tempfile, "tempdir", str(tmp_path / "b.pt.file"))  # no folder for the read-back copy
+        save_model(VAE(VAEConfig(**SMALL)), tmp_path / "b.pt")
 
     class Mine(VAE):  # its own decode would not be saved: the scripts would score model.VAE's
         pass
@@ -330,7 +336,7 @@ def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset,
         save_model(VAE(VAEConfig(**SMALL, image_size=32)), tmp_path / "big.pt")
     with pytest.raises(ValueError, match="not saved: .*--channels sets the conv arch's widths, but --arch is mlp"):
         save_model(VAE(VAEConfig(arch="mlp", channels=(8, 8))), tmp_path / "mlp.pt")
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(("mine", "big", "mlp", "b.pt"))]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("mine", "big", "mlp")) or p == "b.pt"]
 
 
 def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):
