@@ -27,7 +27,7 @@ from lib.files import check_output_path, write_atomic
 GRIDS = ("reconstructions", "samples", "samples_prior", "interpolation", "traversal", "manifold")
 ROW = 8  # images per row in the reconstruction and sample grids
 INTERP_STEPS, INTERP_PAIRS = 10, 8
-TRAVERSE = torch.linspace(-3, 3, 11)  # prior standard deviations
+TRAVERSE = torch.linspace(-3, 3, 11)  # values of z: prior standard deviations under N(0, I) (not a flow prior's)
 MAX_TRAVERSED = 16  # rows of traversal.png at most
 MANIFOLD_SIDE = 20
 MAX_SAMPLES = 256  # --n: a grid is a picture, not a dataset (VAE.sample draws more); all are decoded at once
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
             z = model.prior(z)  # the noise grid mapped to z: equal prior mass per cell
             zl = None if not classes else torch.full((len(z),), args.digit, device=device)
             grids["manifold"] = torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE
+        elif mu.shape[1] == 2:
+            print("note: no manifold.png: a conditional model's manifold is one digit's (pass --digit D)")
 
     for name, (images, nrow) in grids.items():
         write_atomic(paths[name], lambda f: save_image(images.cpu(), f, format="png", nrow=nrow, padding=2,

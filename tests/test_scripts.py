@@ -228,7 +228,7 @@ def test_conditional_training_and_generation(tmp_path, capsys):
     assert r == 0 and "NLL" in capsys.readouterr().out
 
 
-def test_two_d_latent_writes_manifold(tmp_path):
+def test_two_d_latent_writes_manifold(tmp_path, capsys):
     ckpt = tmp_path / "vae2d.pt"
     assert train.main([*TINY, "--epochs", "1", "--latent-dim", "2", "--checkpoint", str(ckpt)]) == 0
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
@@ -239,6 +239,10 @@ def test_two_d_latent_writes_manifold(tmp_path):
                        "--checkpoint", str(tmp_path / "c2d.pt")]) == 0
     assert generate.main(["--checkpoint", str(tmp_path / "c2d.pt"), "--out", str(tmp_path / "c"), "--digit", "3"]) == 0
     assert (tmp_path / "c" / "manifold_digit3.png").exists() and not (tmp_path / "c" / "manifold.png").exists()
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", str(tmp_path / "c2d.pt"), "--out", str(tmp_path / "d")]) == 0
+    assert "note: no manifold.png: a conditional model's manifold is one digit's (pass --digit D)" in \
+        capsys.readouterr().out and not (tmp_path / "d" / "manifold.png").exists()
 
 
 def test_traversal_shows_the_active_dimensions_and_counts_the_rest(tmp_path, capsys):
