@@ -184,14 +184,12 @@ class GaussianMixture(nn.Module):
     def state(self) -> dict:
         return {name: getattr(self, name).cpu() for name in ("weights", "means", "scale_tril")}
 
-    def _group(self, group: int | None) -> int:
-        return check_group(group, len(self.weights))
-
     def sample(self, n: int, generator: torch.Generator | None = None, group: int | None = None) -> torch.Tensor:
         """[n, d] from one group (None: the only one): n component draws by weight (torch.multinomial), then n normal
         draws (torch.randn), z = mean + L eps, in that order (what "same seed, same images" rests on). UserError (a
         ValueError) for a group that is not one of the mixture's."""
-        w, m, L = (t[self._group(group)] for t in (self.weights, self.means, self.scale_tril))
+        g = check_group(group, len(self.weights))
+        w, m, L = self.weights[g], self.means[g], self.scale_tril[g]
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
         eps = torch.randn(n, m.shape[1], generator=generator, device=m.device)
         return m[comp] + (L[comp] @ eps.unsqueeze(-1)).squeeze(-1)
@@ -199,7 +197,8 @@ class GaussianMixture(nn.Module):
     def log_prob(self, z: torch.Tensor, group: int | None = None) -> torch.Tensor:
         """log p(z) in nats under one group (None: the only one), in float64, returned fp32: [..., d] -> [...].
         UserError (a ValueError) for a group that is not one of the mixture's."""
-        w, m, L = (t[self._group(group)].double() for t in (self.weights, self.means, self.scale_tril))
+        g = check_group(group, len(self.weights))
+        w, m, L = (t[g].double() for t in (self.weights, self.means, self.scale_tril))
         flat = z.reshape(-1, z.shape[-1]).double()
         return torch.logsumexp(log_normal(flat, m, L) + w.log(), dim=1).float().view(z.shape[:-1])
 

@@ -373,6 +373,11 @@ def load_checkpoint(path, map_location=None) -> dict:
     return ckpt
 
 
+def defaulted_fields(config: dict, config_class) -> list[str]:
+    """The fields of config_class that a stored config lacks, which loading gives their defaults."""
+    return sorted({f.name for f in fields(config_class)} - set(config))
+
+
 def load_model(path, model_class, config_class, mixture_class, map_location=None):
     """(model in eval mode on map_location, else on the CPU (checkpoints store CPU tensors), checkpoint dict) from a
     checkpoint: the config, the weights (their moving average, where the run kept one) and the latent mixture, each
@@ -380,8 +385,7 @@ def load_model(path, model_class, config_class, mixture_class, map_location=None
     path = as_path(path)
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["model_config"]  # a field it lacks (added to the config after it was written) takes its default
-    names = {f.name for f in fields(config_class)}
-    unknown, defaulted = set(config) - names, sorted(names - set(config))
+    unknown, defaulted = set(config) - {f.name for f in fields(config_class)}, defaulted_fields(config, config_class)
     if unknown:
         raise UserError(f"{path}: bad model config: unknown keys {', '.join(sorted(map(repr, unknown)))}")
     try:

@@ -15,7 +15,7 @@ from dataclasses import fields
 
 import torch
 
-from lib.checks import MAX_EPOCHS, MAX_SIZE, UserError, is_int, is_number, load_model, unavailable
+from lib.checks import MAX_EPOCHS, MAX_SIZE, UserError, defaulted_fields, is_int, is_number, load_model, unavailable
 from lib.data import DEFAULT_DATA_DIR, NUM_CLASSES, mnist_mismatch
 from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
@@ -218,7 +218,7 @@ def load_vae(path, map_location=None) -> tuple[VAE, dict]:
     why = mnist_mismatch(c.image_channels, c.image_size, c.num_classes)
     if why:
         raise UserError(f"{path}: this model cannot be used on MNIST: {why}")
-    check_stored_flags(ckpt["args"], path, c, {f.name for f in fields(VAEConfig)} - set(ckpt["model_config"]))
+    check_stored_flags(ckpt["args"], path, c, defaulted_fields(ckpt["model_config"], VAEConfig))
     return model, ckpt
 
 

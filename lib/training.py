@@ -262,7 +262,7 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
         raise UserError(f"binarize and overwrite must be True or False, got {binarize!r} and {overwrite!r}")
     config = checks.model_of(model)[0]
     path = files.check_output_path(path, "checkpoint")
-    files.check_output_path(files.metrics_path(path), "metrics CSV")
+    csv_path = files.check_output_path(files.metrics_path(path), "metrics CSV")
 
     def refuse_existing():
         if os.path.exists(path) and not overwrite:
@@ -286,8 +286,8 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
     with files.Lock(path):  # not under a train.py that writes it
         refuse_existing()  # nor over a file saved since the check above
         files.save_atomic(ckpt, path)
-        if overwrite and os.path.exists(files.metrics_path(path)):
-            os.unlink(files.metrics_path(path))
+        if overwrite and os.path.exists(csv_path):
+            os.unlink(csv_path)
 
 
 def fit_latent_mixture(run: Run) -> None:
