@@ -38,8 +38,9 @@ def build_parser() -> cli.Parser:
     p.add_argument("--chunk", type=cli.POSITIVE_INT, default=10,
                    help="samples decoded at once per image (bounds memory; chunk x batch size decodes per pass)")
     p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=100, help="test images at once")
-    p.add_argument("--limit", type=cli.POSITIVE_INT, default=None, help="only the first N images of each split it reads")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--limit", type=cli.POSITIVE_INT, default=None,
+                   help="only the first N images of each split it reads (default: all)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.add_argument("--prior-components", type=cli.Number(int, 0, MAX_COMPONENTS), default=0,
                    help="also the NLL with a mixture of this many components fitted to the training "
                         "set's posterior samples as the prior (unconditional models; 0: only the model's own prior)")

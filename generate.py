@@ -39,7 +39,8 @@ def build_parser() -> cli.Parser:
     p.add_argument("--out", default="generated_images", help="folder for the PNG files")
     p.add_argument("--n", type=cli.Number(int, 1, MAX_SAMPLES), default=64,
                    help=f"samples (per digit if conditional), decoded at once: at most {MAX_SAMPLES}")
-    p.add_argument("--digit", type=cli.Number(int, 0, NUM_CLASSES - 1), default=None, help="conditional: only this digit")
+    p.add_argument("--digit", type=cli.Number(int, 0, NUM_CLASSES - 1), default=None,
+                   help="conditional: only this digit (default: a row per digit)")
     return p
 
 

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=cli.POSITIVE_INT, default=3, help="epochs per pipeline and model")
     p.add_argument("--batch-size", type=cli.Number(int, 1, cli.MAX_BATCH), default=128, help="images per step")
     p.add_argument("--limit", type=cli.POSITIVE_INT, default=None,
-                   help="epochs of only the first N images (a quick check that it runs)")
+                   help="epochs of only the first N images, a quick check that it runs (default: all)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="of the project's step, as in train.py (auto: bf16 where it is the faster "
                         "arithmetic); the conventional pipeline is always fp32")

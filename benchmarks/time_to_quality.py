@@ -1,6 +1,7 @@
 """Time to quality: `python train.py` against the tutorial it is compared with, in one run.
 
     git clone https://github.com/pytorch/examples /tmp/examples   # the tutorial, not shipped here
+    git -C /tmp/examples checkout 77f55b9   # benchmarks/README.md: other revisions print another loss
     python benchmarks/time_to_quality.py --tutorial /tmp/examples/vae/main.py
 
 Runs the tutorial (pytorch/examples' VAE, its own script and settings: 10 epochs) and then the

@@ -99,7 +99,8 @@ TRAIN_FLAGS = (
                                             "--conditional), which samples then come from; 0: none (default: "
                                             f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
                                             "--flow-prior)")),
-    ("--limit", RUN, dict(type=POSITIVE_INT, default=None, help="use only the first N training and N test images")),
+    ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
+                          help="use only the first N training and N test images (default: all)")),
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256, help="images per test-loss step")),
     ("--precision", RUN, dict(choices=("auto", "fp32", "bf16"), default="auto",
                               help="arithmetic of training and its test loss; auto = bf16 autocast where faster "
@@ -109,7 +110,9 @@ TRAIN_FLAGS = (
     ("--overwrite", GIVEN, dict(action="store_true", help="start afresh even if --checkpoint exists (its run is lost)")),
     ("--device", GIVEN, dict(default="auto", choices=("auto", "cpu", "cuda", "mps"),
                              help="auto picks cuda, then mps, then cpu")),
-    ("--data-dir", GIVEN, dict(default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/ (default: dataset/)")),
+    ("--data-dir", GIVEN, dict(default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/: MNIST's four files (.gz "
+                               "ones decompressed beside them, missing ones downloaded, all SHA-256 checked; MNIST "
+                               "only) (default: dataset/)")),
     ("--compile", GIVEN, dict(action="store_true", help="torch.compile the objective (compiling adds start-up time)")),
 )
 RUN_FLAGS = tuple(flag[2:].replace("-", "_") for flag, run, _ in TRAIN_FLAGS if run)
@@ -120,10 +123,11 @@ MODEL_FLAGS = ("latent_dim", "arch", "hidden_dim", "channels", "res_blocks", "ac
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends '(default: X)' to every flag's help, unless the help already words its default."""
+    """Appends '(default: X)' to every flag's help, unless the help words its default or the flag is required."""
 
     def _get_help_string(self, action):
-        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+        worded = "(default:" in (action.help or "") or action.required
+        return action.help if worded else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

@@ -99,7 +99,8 @@ def read_file(raw: str, name: str) -> bytearray | None:
         parse_idx(data, source, FILES[name])
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHA256[name]:
-            raise UserError(f"{source}: SHA-256 {digest[:12]}... does not match SHA256SUMS ({SHA256[name][:12]}...)")
+            raise UserError(f"{source}: SHA-256 {digest[:12]}... is not MNIST's ({SHA256[name][:12]}...): a damaged "
+                            "copy, or other data (the scripts take MNIST only)")
     except UserError as e:
         raise UserError(f"{e}{hint}") from None
     if source != plain and not os.path.lexists(plain):  # a cache of the checked bytes, never over anything
