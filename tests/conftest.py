@@ -9,10 +9,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# CPU only, also in the scripts the tests start (they inherit it): the exact-resume tests hold on a CPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
 TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
-        "--batch-size", "64", "--eval-batch-size", "256"]
+        "--batch-size", "64", "--eval-batch-size", "256", "--device", "cpu"]
 SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)  # TINY's model, as VAEConfig keywords
 SMALL3 = dict(SMALL, latent_dim=3)
 
@@ -63,6 +65,16 @@ def mnist_subset():
 
     ds = TensorDataset.load("test", limit=256)
     return ds.batch(slice(0, 256))
+
+
+@pytest.fixture(scope="session")
+def binarized_run(tmp_path_factory):
+    """A finished 1-epoch tiny run with --binarize (read it, don't change it)."""
+    import train
+
+    ckpt = tmp_path_factory.mktemp("bin") / "vae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--binarize", "--checkpoint", str(ckpt)]) == 0
+    return ckpt
 
 
 @pytest.fixture(scope="session")

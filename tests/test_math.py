@@ -130,6 +130,34 @@ def test_bound_tightens_with_k(mnist_subset):
     assert means[0] > means[1] > means[2], means  # -L_1 > -L_5 > -L_50
 
 
+def test_k_equal_samples_give_the_one_sample_bound(mnist_subset):
+    """With all K samples the same, the K importance weights are equal: -L_K's estimate is the ELBO's (the
+    1/K inside the logarithm cancels the K equal terms)."""
+    x = mnist_subset[0][:32]
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(**SMALL3))
+    eps = noise(1, 32, 3)
+    with torch.no_grad():
+        one = m.loss(x, k=1, eps=eps, reduction="none")
+        for k in (2, 5):
+            same = m.loss(x, k=k, eps=eps.expand(k, -1, -1), reduction="none")
+            assert torch.allclose(same.total, one.total, atol=1e-4) and torch.equal(same.kl, one.kl)
+
+
+def test_mixture_samples_and_density_have_the_full_covariance():
+    """A 3-d component with correlated dimensions: its samples have the mean and the covariance L L^T, and its
+    log-density is torch.distributions' MultivariateNormal's."""
+    mean = torch.tensor([1.0, -2.0, 0.5])
+    tril = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [-0.6, 0.3, 0.4]])
+    gm = GaussianMixture(torch.ones(1, 1), mean[None, None], tril[None, None])
+    draws = gm.sample(200_000, torch.Generator().manual_seed(0))
+    assert torch.allclose(draws.mean(0), mean, atol=0.01)
+    assert torch.allclose(torch.cov(draws.T), tril @ tril.T, atol=0.01)
+    z = torch.randn(20, 3, generator=torch.Generator().manual_seed(1)) * 2
+    reference = torch.distributions.MultivariateNormal(mean, scale_tril=tril).log_prob(z)
+    assert torch.allclose(gm.log_prob(z), reference, atol=1e-5)
+
+
 def test_a_standard_normal_mixture_prior_is_the_standard_prior(mnist_subset):
     """A one-component mixture with mean 0 and identity covariance is N(0, I): the same NLL; a
     prior fitted to the posterior samples of the training images gives a valid, different one."""

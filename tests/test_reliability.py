@@ -10,7 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -74,15 +74,16 @@ def start(args, code=None):
 
 
 def wait_for(proc, text, timeout=120):
-    deadline = time.time() + timeout
+    watchdog = threading.Timer(timeout, proc.kill)  # a child that hangs silently ends readline() by its death
+    watchdog.start()
     lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if text in line:
+                return lines
+    finally:
+        watchdog.cancel()
     proc.kill()
     raise AssertionError(f"never printed {text!r}: {''.join(lines)}{proc.stderr.read()}")
 
@@ -257,7 +258,7 @@ def test_crafted_checkpoint_is_refused_and_never_runs(tmp_path, form, capsys):
         torch.save({"format": 1, "model": Payload(str(marker))}, evil)
     else:
         evil.write_bytes(pickle.dumps(Payload(str(marker))))
-    line = one_line_error(run_script("generate.py", "--checkpoint", evil))
+    line = one_line_error(run_script("generate.py", "--checkpoint", evil, "--out", tmp_path / "images"))
     assert str(evil) in line and "refused" in line
     line = cli_error(train.main, ["--checkpoint", evil, "--resume"], capsys)
     assert str(evil) in line and "refused" in line
@@ -286,10 +287,10 @@ def test_broken_checkpoints_give_one_line(tmp_path, capsys):
             assert str(tmp_path / name) in line and what in line, line
 
 
-def test_a_config_its_weights_do_not_fit_is_refused_before_the_model_is_built(good, tmp_path, monkeypatch):
+def test_a_config_its_weights_do_not_fit_is_refused_before_the_model_is_built(mixture_run, tmp_path, monkeypatch):
     """A crafted model_config far larger than the stored weights would allocate it all (the process killed for
     memory) if the model were built before the weights' shapes are compared: only its shapes are made."""
-    c = torch.load(good, weights_only=True)
+    c = torch.load(mixture_run, weights_only=True)
     c["model_config"].update(hidden_dim=1024, channels=[64, 128])  # small enough to survive a regression
     torch.save(c, tmp_path / "big.pt")
     built, init = [], VAE.__init__
@@ -312,11 +313,11 @@ def test_second_training_on_same_checkpoint_refuses(tmp_path, capsys):
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0  # lock released
 
 
-def test_a_checkpoint_replaced_after_it_was_read_is_not_written_over(good, tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_replaced_after_it_was_read_is_not_written_over(mixture_run, tmp_path, monkeypatch, capsys):
     """tools/fit_mixture.py (as train.py --resume) reads the checkpoint before it takes the lock: if a training
     saved the file in between, what was read is stale, and writing it back would undo that save."""
     ckpt = tmp_path / "run.pt"
-    ckpt.write_bytes(good.read_bytes())
+    ckpt.write_bytes(mixture_run.read_bytes())
     real = cli.load_vae
 
     def load_then_replaced(path, **kwargs):
@@ -389,11 +390,6 @@ def test_output_folders_created_or_clear_error(tmp_path, capsys):
     assert str(blocker / "img") in line
 
 
-@pytest.fixture
-def good(mixture_run):
-    return mixture_run
-
-
 def tree(folder):
     """Every file under folder with its bytes and mode: to show nothing on disk changed."""
     out = {}
@@ -407,7 +403,7 @@ def tree(folder):
 
 # -- 1. never touch what isn't ours --------------------------------------------------------------
 
-def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
+def test_only_own_temp_files_are_removed(mixture_run, tmp_path, capsys):
     ckpt = tmp_path / "notes.pt"
     keep = [tmp_path / "notes.pt.mine.tmp", tmp_path / "notes.pt.123.tmp", tmp_path / ".swp.tmp",
             tmp_path / f"notes.pt.{os.getpid()}.0123456789abcdef.tmp"]  # a live process's own name
@@ -415,17 +411,17 @@ def test_only_own_temp_files_are_removed(good, tmp_path, capsys):
         p.write_text("keep")
     stale = tmp_path / "notes.pt.999999999.0123456789abcdef.tmp"  # pattern of a killed save
     stale.write_text("partial")
-    line = cli_error(train.main, [*TINY, "--checkpoint", good], capsys)  # refuses: exists
+    line = cli_error(train.main, [*TINY, "--checkpoint", mixture_run], capsys)  # refuses: exists
     assert "exists" in line and all(p.read_text() == "keep" for p in keep)
     assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
     assert all(p.read_text() == "keep" for p in keep) and not stale.exists()
 
 
-def test_empty_paths_are_refused(good, tmp_path, capsys, monkeypatch):
+def test_empty_paths_are_refused(mixture_run, tmp_path, capsys, monkeypatch):
     before = tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     for main, args in ((train.main, ["--checkpoint", ""]), (evaluate.main, ["--json", "", "--checkpoint", "x.pt"]),
-                       (generate.main, ["--out", "", "--checkpoint", good])):
+                       (generate.main, ["--out", "", "--checkpoint", mixture_run])):
         line = cli_error(main, args, capsys)
         assert "empty path" in line
     assert tree(tmp_path) == before
@@ -445,12 +441,12 @@ def test_a_checkpoint_path_that_cannot_hold_its_files_is_refused_before_training
         assert "which is not a folder; name the file without it" in line and tree(tmp_path) == before
 
 
-def test_resume_and_overwrite_together_are_refused(good, capsys):
-    line = cli_error(train.main, ["--resume", "--overwrite", "--checkpoint", good], capsys)
+def test_resume_and_overwrite_together_are_refused(mixture_run, capsys):
+    line = cli_error(train.main, ["--resume", "--overwrite", "--checkpoint", mixture_run], capsys)
     assert "--resume" in line and "--overwrite" in line
 
 
-def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_path):
+def test_device_nodes_and_links_are_written_through_never_replaced(mixture_run, tmp_path):
     device = tmp_path / "null"  # a link to the device: a regression replaces the link, never /dev/null itself
     device.symlink_to(os.devnull)
     write_atomic(device, lambda f: f.write(b"discarded"))
@@ -459,24 +455,24 @@ def test_device_nodes_and_links_are_written_through_never_replaced(good, tmp_pat
     target.write_text("old")
     link = tmp_path / "link.json"
     link.symlink_to(target)
-    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(link)]) == 0
+    assert evaluate.main(["--checkpoint", str(mixture_run), "--k", "2", "--limit", "10", "--json", str(link)]) == 0
     assert link.is_symlink() and '"nll"' in target.read_text()
-    assert evaluate.main(["--checkpoint", str(good), "--k", "2", "--limit", "10", "--json", str(device)]) == 0
+    assert evaluate.main(["--checkpoint", str(mixture_run), "--k", "2", "--limit", "10", "--json", str(device)]) == 0
     assert device.is_symlink() and stat.S_ISCHR(os.stat(device).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "null", "real.json"]  # no temp file left
 
 
-def test_a_path_of_non_utf8_bytes_is_printed_escaped(good, tmp_path, monkeypatch):
+def test_a_path_of_non_utf8_bytes_is_printed_escaped(mixture_run, tmp_path, monkeypatch):
     out = os.path.join(tmp_path, "images\udcff")  # what Python makes of the byte 0xff in a command line
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a UTF-8 terminal's
     monkeypatch.setattr(sys, "stdout", stdout)
-    assert cli.run(generate.main, ["--checkpoint", str(good), "--out", out, "--n", "1"]) == 0
+    assert cli.run(generate.main, ["--checkpoint", str(mixture_run), "--out", out, "--n", "1"]) == 0
     stdout.flush()
     assert b"images\\udcff/samples.png" in stdout.buffer.getvalue()
     assert os.path.exists(os.path.join(out, "samples.png"))
 
 
-def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, capsys):
+def test_special_files_and_folders_are_refused_before_the_work(mixture_run, tmp_path, capsys):
     fifo_dir = tmp_path / "d"
     fifo_dir.mkdir()
     sock = tmp_path / "sock"
@@ -484,21 +480,22 @@ def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, c
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sock))
     try:
-        line = cli_error(evaluate.main, ["--checkpoint", good, "--json", sock], capsys)
+        line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--json", sock], capsys)
         assert "not a regular file" in line
     finally:
         s.close()
-    line = cli_error(evaluate.main, ["--checkpoint", good, "--json", fifo_dir], capsys)
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--json", fifo_dir], capsys)
     assert "is a folder" in line
     for name in ("new/", "new/.", "new/.."):  # a folder not made yet: "new/" was written as a file "new"
         line = cli_error(train.main, [*TINY, "--checkpoint", os.path.join(tmp_path, name)], capsys)
         assert line.endswith(f"{name}: names a folder, expected a file path for the checkpoint")
-        line = cli_error(evaluate.main, ["--checkpoint", good, "--json", os.path.join(tmp_path, "d", name)], capsys)
+        json_path = os.path.join(tmp_path, "d", name)
+        line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--json", json_path], capsys)
         assert line.endswith(f"{name}: names a folder, expected a file path for the JSON results")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "sock"]
-    (tmp_path / "old.pt").write_bytes(good.read_bytes())  # reached through a folder that is not there: refused
+    (tmp_path / "old.pt").write_bytes(mixture_run.read_bytes())  # reached through a folder that is not there: refused
     line = cli_error(train.main, [*TINY, "--checkpoint", os.path.join(tmp_path, "nodir", "..", "old.pt")], capsys)
-    assert "nodir, which is not a folder" in line and (tmp_path / "old.pt").read_bytes() == good.read_bytes()
+    assert "nodir, which is not a folder" in line and (tmp_path / "old.pt").read_bytes() == mixture_run.read_bytes()
     # the metrics CSV's path is checked before any training, too
     ckpt = tmp_path / "run.pt"
     (tmp_path / "run.pt.metrics.csv").mkdir()
@@ -506,9 +503,9 @@ def test_special_files_and_folders_are_refused_before_the_work(good, tmp_path, c
     assert "run.pt.metrics.csv" in line and "folder" in line and not ckpt.exists()
 
 
-def test_full_disk_keeps_the_old_file_and_says_one_line(good, tmp_path, monkeypatch, capsys):
+def test_full_disk_keeps_the_old_file_and_says_one_line(mixture_run, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "vae.pt"
-    ckpt.write_bytes(good.read_bytes())
+    ckpt.write_bytes(mixture_run.read_bytes())
     before = tree(tmp_path)
 
     def full(*a, **kw):
@@ -526,10 +523,10 @@ def test_full_disk_keeps_the_old_file_and_says_one_line(good, tmp_path, monkeypa
 
 @pytest.mark.parametrize("part, name", [("model", "to_stats.weight"), ("ema", "to_stats.weight"),
                                         ("optimizer", None), ("rng", "noise"), ("latent_mixture", "means")])
-def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys, part, name):
+def test_a_flipped_bit_is_reported_as_corrupt(mixture_run, tmp_path, capsys, part, name):
     """One bit of any stored state (weights, their average, Adam's moments, a generator state,
     the mixture) changes what a resume or a loaded model does: it is reported, never used."""
-    c = torch.load(good, weights_only=True)
+    c = torch.load(mixture_run, weights_only=True)
     t = c["optimizer"]["state"][0]["exp_avg"] if part == "optimizer" else c[part][name]
     t.view(torch.uint8).view(-1)[5] ^= 1 << 3
     bad = tmp_path / "flip.pt"
@@ -541,11 +538,11 @@ def test_a_flipped_bit_is_reported_as_corrupt(good, tmp_path, capsys, part, name
     assert not (tmp_path / "o").exists()
 
 
-def test_a_checkpoint_without_checksums_or_of_another_format_is_refused(good, tmp_path, capsys):
-    c = torch.load(good, weights_only=True)
+def test_a_checkpoint_without_checksums_or_of_another_format_is_refused(mixture_run, tmp_path, capsys):
+    c = torch.load(mixture_run, weights_only=True)
     del c["sha256"]
     torch.save(c, tmp_path / "unsealed.pt")
-    c = torch.load(good, weights_only=True)
+    c = torch.load(mixture_run, weights_only=True)
     c["format"] = FORMAT - 1
     torch.save(c, tmp_path / "old.pt")
     for name, what in (("unsealed.pt", "no checksums"), ("old.pt", "train it again")):
@@ -616,15 +613,16 @@ def test_api_arguments_are_validated():
             VAEConfig(**bad)
 
 
-def test_unavailable_device_is_named_not_called_corrupt(good, tmp_path):
+def test_unavailable_device_is_named_not_called_corrupt(mixture_run, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
-        VAE.from_checkpoint(good, map_location="cuda")
+        VAE.from_checkpoint(mixture_run, map_location="cuda")
     with pytest.raises(ValueError, match="not a device this code runs on"):
-        VAE.from_checkpoint(good, map_location="meta")
-    assert VAE.from_checkpoint(os.fsencode(good)).config == VAE.from_checkpoint(good).config  # a bytes path
-    c = torch.load(good, weights_only=True)
+        VAE.from_checkpoint(mixture_run, map_location="meta")
+    bytes_path = os.fsencode(mixture_run)
+    assert VAE.from_checkpoint(bytes_path).config == VAE.from_checkpoint(mixture_run).config
+    c = torch.load(mixture_run, weights_only=True)
     c["model_config"]["decoder"] = "upsample"  # a field this code's VAEConfig does not have
     torch.save(c, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad model config: unknown keys 'decoder'") as e:  # a bytes path: as text
@@ -632,12 +630,12 @@ def test_unavailable_device_is_named_not_called_corrupt(good, tmp_path):
     assert str(e.value).startswith(str(tmp_path / "bad.pt"))
 
 
-def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(good, tmp_path, capsys):
-    c = load_checkpoint(good)
+def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(mixture_run, tmp_path, capsys):
+    c = load_checkpoint(mixture_run)
     assert c["model_config"]["flow_prior"] == VAEConfig.flow_prior
     del c["model_config"]["flow_prior"]  # as a checkpoint written before the field existed
     torch.save(c, tmp_path / "old.pt")
-    assert VAE.from_checkpoint(tmp_path / "old.pt").config == VAE.from_checkpoint(good).config
+    assert VAE.from_checkpoint(tmp_path / "old.pt").config == VAE.from_checkpoint(mixture_run).config
     c["args"]["latent_dim"] += 1  # stored flags that describe another model: the field is named
     torch.save(c, tmp_path / "bad.pt")
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "bad.pt"], capsys)
@@ -664,13 +662,13 @@ def test_device_choice_takes_the_first_available_and_names_what_is_missing(monke
     assert cli.pick_device("auto") == torch.device("mps")
 
 
-def test_sample_quality_needs_two_images_for_its_covariances(good, capsys):
-    line = cli_error(evaluate.main, ["--checkpoint", good, "--sample-quality", "--limit", 1], capsys)
+def test_sample_quality_needs_two_images_for_its_covariances(mixture_run, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--sample-quality", "--limit", 1], capsys)
     assert "--limit 2" in line
 
 
-def test_memory_hungry_chunks_are_refused_up_front(good, capsys):
-    line = cli_error(evaluate.main, ["--checkpoint", good, "--chunk", 10**9], capsys)
+def test_memory_hungry_chunks_are_refused_up_front(mixture_run, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--chunk", 10**9], capsys)
     assert "--chunk" in line and "GiB" in line
 
 
@@ -727,7 +725,8 @@ def test_a_folder_that_cannot_keep_the_decompressed_file_still_serves_the_data(t
 
 def test_missing_data_dir_leaves_no_folders(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    line = cli_error(generate.main, ["--data-dir", missing, "--checkpoint", "none.pt"], capsys)
+    line = cli_error(generate.main, ["--data-dir", missing, "--checkpoint", tmp_path / "none.pt",
+                                     "--out", tmp_path / "images"], capsys)
     assert "none.pt" in line  # the checkpoint is checked first
     line = cli_error(train.main, [*TINY, "--data-dir", missing, "--checkpoint", tmp_path / "r.pt"], capsys)
     assert "no such data folder" in line and not missing.exists()
@@ -821,8 +820,8 @@ def variants(c):
     yield "optimizer.params", put(("optimizer", "param_groups", 0, "params"), [0]), RESUME
 
 
-def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(good, tmp_path, capsys):
-    c = torch.load(good, weights_only=True)
+def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(mixture_run, tmp_path, capsys):
+    c = torch.load(mixture_run, weights_only=True)
     seen = 0
     for i, (name, mutated, fails) in enumerate(variants(c)):
         folder = tmp_path / f"v{i}"
@@ -852,10 +851,10 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
     assert seen > 300, seen
 
 
-def test_a_checkpoint_from_before_a_flag_existed_loads_and_resumes_with_its_default(good, tmp_path):
+def test_a_checkpoint_from_before_a_flag_existed_loads_and_resumes_with_its_default(mixture_run, tmp_path):
     """A RUN flag added to the table after a checkpoint was written is missing from its stored flags:
     the file still loads and resumes, the flag at its default (which must keep the old behaviour)."""
-    c = torch.load(good, weights_only=True)
+    c = torch.load(mixture_run, weights_only=True)
     del c["args"]["output_bias"]
     ckpt = tmp_path / "vae.pt"
     torch.save(c, ckpt)
@@ -881,9 +880,9 @@ def test_a_failed_start_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(os.devnull + ".lock") and not os.path.exists(os.devnull + ".metrics.csv")
 
 
-def test_generate_checks_every_image_path_first(good, tmp_path, capsys):
+def test_generate_checks_every_image_path_first(mixture_run, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "traversal.png").mkdir(parents=True)  # the last-but-one image it would write
-    line = cli_error(generate.main, ["--checkpoint", good, "--out", out], capsys)
+    line = cli_error(generate.main, ["--checkpoint", mixture_run, "--out", out], capsys)
     assert "traversal.png" in line and "folder" in line
     assert sorted(p.name for p in out.iterdir()) == ["traversal.png"]  # nothing written before it

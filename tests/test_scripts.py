@@ -55,7 +55,7 @@ def test_generate_writes_valid_pngs_and_repeats(trained, tmp_path):
     ckpt, _ = trained
     proc = run_script("generate.py", "--checkpoint", ckpt, "--out", tmp_path / "a", "--seed", 3)  # as a user runs it
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("device: cpu (picked by --device auto)\n")
+    assert proc.stdout.startswith(cli.device_note(cli.pick_device("auto"), "auto") + "\n")
     outs = [[line.split()[0] for line in proc.stdout.splitlines()[1:]]]
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--seed", "3"]) == 0
     outs.append([p.replace(str(tmp_path / "a"), str(tmp_path / "b")) for p in outs[0]])
@@ -71,6 +71,16 @@ def test_generate_writes_valid_pngs_and_repeats(trained, tmp_path):
             assert fa.read() == fb.read()  # same seed, same images
     with Image.open(outs[0][1]) as samples:
         assert samples.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples, 8 per row, 2-pixel padding
+
+
+def test_another_seed_gives_other_images(tmp_path):
+    torch.manual_seed(0)
+    save_model(VAE(VAEConfig(**SMALL)), tmp_path / "fresh.pt")  # untrained: every latent dimension shows
+    for seed in (3, 4):
+        assert generate.main(["--checkpoint", str(tmp_path / "fresh.pt"), "--out", str(tmp_path / str(seed)),
+                              "--seed", str(seed)]) == 0
+    for name in ("samples.png", "samples_prior.png", "reconstructions.png"):
+        assert (tmp_path / "3" / name).read_bytes() != (tmp_path / "4" / name).read_bytes(), name
 
 
 def test_existing_checkpoint_is_not_overwritten_by_accident(trained, tmp_path):
@@ -110,13 +120,6 @@ def test_conv_only_flags_need_the_conv_arch(tmp_path, capsys):
         assert flag[0] in line and not (tmp_path / "m.pt").exists()
 
 
-@pytest.fixture(scope="module")
-def binarized_run(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("bin") / "vae.pt"
-    assert train.main([*TINY, "--epochs", "1", "--binarize", "--checkpoint", str(ckpt)]) == 0
-    return ckpt
-
-
 def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     out = tmp_path / "nll.json"
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "20", "--limit", "50",
@@ -132,8 +135,8 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert "no such checkpoint" in line and "python train.py" in line
 
 
-def test_evaluate_says_when_it_scores_the_averaged_weights(run_with_mixture, capsys):
-    assert evaluate.main(["--checkpoint", str(run_with_mixture), "--k", "2", "--limit", "5"]) == 0
+def test_evaluate_says_when_it_scores_the_averaged_weights(mixture_run, capsys):
+    assert evaluate.main(["--checkpoint", str(mixture_run), "--k", "2", "--limit", "5"]) == 0
     assert "(epoch 1, the weights' moving average (--ema))" in capsys.readouterr().out
 
 
@@ -166,20 +169,20 @@ def test_json_goes_to_a_pipe_and_a_failed_json_write_keeps_the_printed_results(b
     assert "/dev/full: cannot write" in err and err.count("\n") == 1 and "NLL" in out
 
 
-def test_outputs_never_replace_what_a_script_reads(run_with_mixture, tmp_path, capsys):
-    before = run_with_mixture.read_bytes()
-    (tmp_path / "link.json").symlink_to(run_with_mixture)
-    for out in (run_with_mixture, tmp_path / "link.json"):
-        line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--k", 2, "--limit", 5, "--json", out], capsys)
+def test_outputs_never_replace_what_a_script_reads(mixture_run, tmp_path, capsys):
+    before = mixture_run.read_bytes()
+    (tmp_path / "link.json").symlink_to(mixture_run)
+    for out in (mixture_run, tmp_path / "link.json"):
+        line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--k", 2, "--limit", 5, "--json", out], capsys)
         assert "is the checkpoint it scores" in line
-    csv = f"{run_with_mixture}.metrics.csv"
+    csv = f"{mixture_run}.metrics.csv"
     rows = read_csv(csv)
-    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--json", csv], capsys)
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--json", csv], capsys)
     assert "is that checkpoint's metrics CSV" in line and read_csv(csv) == rows
-    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--json", f"{run_with_mixture}.lock"], capsys)
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--json", f"{mixture_run}.lock"], capsys)
     assert "is that checkpoint's lock file" in line
-    line = cli_error(train_classifier.main, ["--out", run_with_mixture], capsys)
-    assert "holds no classifier weights" in line and run_with_mixture.read_bytes() == before
+    line = cli_error(train_classifier.main, ["--out", mixture_run], capsys)
+    assert "holds no classifier weights" in line and mixture_run.read_bytes() == before
     assert cli_error(generate.main, ["--checkpoint", ""], capsys) == "error: '': no such checkpoint; `python train.py` writes one"
 
 
@@ -264,14 +267,9 @@ def test_traversal_shows_the_active_dimensions_and_counts_the_rest(tmp_path, cap
         assert im.size == (11 * 30 + 2, shown * 30 + 2)
 
 
-@pytest.fixture
-def run_with_mixture(mixture_run):
-    return mixture_run
-
-
-def test_fit_mixture_script_adds_and_removes_a_mixture(run_with_mixture, tmp_path, capsys):
+def test_fit_mixture_script_adds_and_removes_a_mixture(mixture_run, tmp_path, capsys):
     ckpt = tmp_path / "vae.pt"
-    c = load_checkpoint(run_with_mixture)
+    c = load_checkpoint(mixture_run)
     c["latent_mixture"] = None  # as a run with --mixture-components 0 leaves it
     torch.save(with_checksums(c), ckpt)
     assert VAE.from_checkpoint(ckpt).latent_mixture is None
@@ -343,8 +341,8 @@ def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset,
     assert not [p for p in os.listdir(tmp_path) if p.startswith(("mine", "big", "mlp")) or p == "b.pt"]
 
 
-def test_generate_writes_mixture_and_prior_samples(run_with_mixture, tmp_path):
-    assert generate.main(["--checkpoint", str(run_with_mixture), "--out", str(tmp_path)]) == 0
+def test_generate_writes_mixture_and_prior_samples(mixture_run, tmp_path):
+    assert generate.main(["--checkpoint", str(mixture_run), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "samples.png").exists() and (tmp_path / "samples_prior.png").exists()
     assert (tmp_path / "samples.png").read_bytes() != (tmp_path / "samples_prior.png").read_bytes()
 
@@ -387,13 +385,13 @@ def test_evaluate_sample_quality_cli(tmp_path, conditional, capsys):
     assert "fd " in printed and "nn_samples" in printed
 
 
-def test_sample_quality_errors_are_one_line(tmp_path, run_with_mixture, capsys):
-    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--sample-quality",
+def test_sample_quality_errors_are_one_line(tmp_path, mixture_run, capsys):
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--sample-quality",
                                      "--classifier", tmp_path / "none.pt"], capsys)
     assert "none.pt" in line and "no classifier" in line
     fake = tmp_path / "clf.pt"
     fake.write_bytes(b"not a classifier")
-    line = cli_error(evaluate.main, ["--checkpoint", run_with_mixture, "--sample-quality",
+    line = cli_error(evaluate.main, ["--checkpoint", mixture_run, "--sample-quality",
                                      "--classifier", fake], capsys)
     assert "SHA-256" in line
 

@@ -175,7 +175,25 @@ def test_schedules_are_functions_of_the_progress():
     cosine = SimpleNamespace(lr=1e-3, lr_decay=None, epochs=4)  # SGDR's eq. 5, one cycle, to 0
     assert training.learning_rate(cosine, 0.0) == 1e-3 and training.learning_rate(cosine, 4.0) == 0.0
     assert training.learning_rate(cosine, 2.0) == pytest.approx(5e-4) and training.learning_rate(cosine, 3.0) < 2e-4
-    assert torch.equal(training.epoch_permutation(3, 1, 10), training.epoch_permutation(3, 1, 10))
+
+
+def test_each_epoch_and_seed_has_its_own_shuffle():
+    orders = {(seed, epoch): training.epoch_permutation(seed, epoch, 1000) for seed in (0, 1) for epoch in (0, 1, 2)}
+    assert all(torch.equal(order.sort().values, torch.arange(1000)) for order in orders.values())  # permutations
+    assert len({tuple(order.tolist()) for order in orders.values()}) == len(orders)  # all different
+    assert torch.equal(training.epoch_permutation(1, 2, 1000), orders[1, 2])  # a pure function: resumes replay it
+
+
+def test_the_average_is_the_exponential_moving_average_of_the_weights():
+    torch.manual_seed(0)
+    model, ema = VAE(VAEConfig(**SMALL)), VAE(VAEConfig(**SMALL))
+    before = [e.detach().clone() for e in ema.parameters()]
+    for t, decay in ((1, 0.999), (500, 0.9)):  # early on the average follows (1 + t) / (10 + t); later the decay
+        d = min(decay, (1 + t) / (10 + t))
+        training.update_ema(ema, model, decay, t)
+        for e, e0, p in zip(ema.parameters(), before, model.parameters()):
+            assert torch.allclose(e, d * e0 + (1 - d) * p, atol=1e-6)
+        before = [e.detach().clone() for e in ema.parameters()]
 
 
 @pytest.mark.parametrize("cpuinfo, bf16", [("GenuineIntel avx512_bf16 amx_bf16", True), ("AuthenticAMD avx512_bf16", True),
@@ -208,14 +226,9 @@ def test_beta_and_warmup_report_true_elbo(tmp_path, capsys):
     assert mb[-1]["kl"] < ma[-1]["kl"]  # a heavier KL weight pushes the KL down
 
 
-@pytest.fixture(scope="module")
-def binarized_run(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("bin") / "vae.pt"
-    assert train.main([*TINY, "--epochs", "1", "--binarize", "--checkpoint", str(ckpt)]) == 0
-    return ckpt
-
-
-def test_binarized_training_sees_binary_pixels(binarized_run, monkeypatch):
+def test_binarized_training_sees_binary_pixels(binarized_run, tmp_path, monkeypatch):
+    ckpt = tmp_path / "vae.pt"
+    ckpt.write_bytes(binarized_run.read_bytes())  # resumed: a copy of the shared run
     seen = []
     real = VAE.loss
 
@@ -224,7 +237,7 @@ def test_binarized_training_sees_binary_pixels(binarized_run, monkeypatch):
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(VAE, "loss", spy)
-    assert train.main(["--epochs", "2", "--checkpoint", str(binarized_run), "--resume"]) == 0
+    assert train.main(["--epochs", "2", "--checkpoint", str(ckpt), "--resume"]) == 0
     assert all(set(u.tolist()) <= {0.0, 1.0} for u in seen)
 
 
