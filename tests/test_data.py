@@ -107,6 +107,17 @@ def test_corrupt_decompressed_file_is_reported_not_overwritten(tmp_path):
     assert (raw / LABELS).read_bytes()[8:] == bytes(10000)
 
 
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.symlink_to(p.name),  # a folder; a loop
+                                  lambda p: p.symlink_to("nowhere")])
+def test_a_name_taken_by_no_file_is_named_not_downloaded_over(tmp_path, monkeypatch, make):
+    monkeypatch.setattr(data, "_download", lambda _: pytest.fail("downloaded"))
+    raw = _copy_raw(tmp_path, names=())
+    make(raw / (LABELS + ".gz"))
+    with pytest.raises(UserError, match="not a file") as e:
+        read_file(str(raw), LABELS)
+    assert str(e.value).startswith(str(raw / (LABELS + ".gz"))) and "\n" not in str(e.value)
+
+
 def test_missing_files_and_failed_download_give_one_line(tmp_path, monkeypatch):
     def offline(_):  # torchvision's message: what, then per mirror "Tried URL, got:" and the error on its own line
         raise RuntimeError("Error downloading x.gz:\nTried https://a/, got:\nno network\nTried https://b/, got:\nno\n")

@@ -833,9 +833,11 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
             pass
         torch.save(mutated, ckpt)
         before = tree(folder)
+        # generate.py and evaluate.py read a checkpoint through the same loader: each takes every other variant
+        reader = ((generate.main, ["--checkpoint", ckpt, "--out", folder / "out"]) if i % 2 else
+                  (evaluate.main, ["--checkpoint", ckpt, "--k", "2", "--limit", "5"]))
         runs = [(train.main, ["--checkpoint", ckpt, "--resume", "--epochs", "2"], fails in (ALL, RESUME)),
-                (generate.main, ["--checkpoint", ckpt, "--out", folder / "out"], fails == ALL),
-                (evaluate.main, ["--checkpoint", ckpt, "--k", "2", "--limit", "5"], fails == ALL)]
+                (*reader, fails == ALL)]
         for main, args, must_fail in runs:
             capsys.readouterr()
             code = cli.run(main, [str(a) for a in args])  # an unexpected exception fails the test here
@@ -848,7 +850,7 @@ def test_every_field_of_a_hostile_checkpoint_gives_one_line_and_changes_nothing(
             else:
                 assert code in (0, 1), f"{name}: {main.__module__} exited {code}"
             seen += 1
-    assert seen > 300, seen
+    assert seen > 400, seen
 
 
 def test_a_checkpoint_from_before_a_flag_existed_loads_and_resumes_with_its_default(mixture_run, tmp_path):
