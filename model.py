@@ -296,9 +296,10 @@ class VAE(nn.Module):
         """The two parts of the log importance weights of z_k = mu + sigma * eps_k, eps [K, B, d]:
         log p(x|z_k) [K, B] and log p(z_k) - log q(z_k|x) [P, K, B], one row per prior (its log_prob given z as
         [K * B, d]). Their sum is the log weight of Burda et al. (2015), eq. 8. The decoder (the costly part) runs
-        once for all priors; the densities are fp32 whatever the decoder's precision."""
+        once for all priors; z and the densities are fp32 whatever the encoder's precision, so that log q is of the
+        very z the decoder and the priors see (a bf16 z would be a rounded one)."""
         k, b, d = eps.shape
-        z = reparameterize(mu, logvar, eps)  # [K, B, d]
+        z = reparameterize(mu.float(), logvar.float(), eps.float())  # [K, B, d]
         # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
         logits = self.decode(z.reshape(k * b, d), None if labels is None else labels.repeat(k))
         target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
@@ -325,7 +326,7 @@ class VAE(nn.Module):
         labels = check_input(self, x, labels, k, eps=eps, reduction=reduction, beta=beta)
         mu, logvar = self._encode(x, labels)
         if eps is None:
-            eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
+            eps = torch.randn(k, *mu.shape, device=mu.device)
         log_px_z, log_ratio = self._log_weights(x, labels, mu, logvar, eps, (self.prior,))
         closed_form = type(self.prior) is StandardNormal  # else a learned prior, whatever replaced it
         kl = gaussian_kl(mu.float(), logvar.float()) if closed_form else -log_ratio[0].mean(0)
@@ -343,7 +344,7 @@ class VAE(nn.Module):
 
             log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,  z_k ~ q(z|x)
 
-        a lower bound that tightens with K (K = 1 is the one-sample ELBO). Samples are drawn
+        a lower bound in expectation that tightens with K (K = 1 is the one-sample ELBO). Samples are drawn
         `chunk` at a time (torch.randn [chunk, B, d] from `generator`), so memory stays bounded for
         any K. prior: p(z), an object with log_prob (None: the model's own), or a list of these:
         then [P, B], all from the same samples and one pass of the decoder. UserError (a ValueError) for k

@@ -22,7 +22,7 @@ from lib.data import to_unit
 from lib.evaluation import importance_nll, negative_elbo
 
 LOG_EVERY = 50  # steps between host syncs (progress bar, non-finite check)
-SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: a batch runs in groups of (this // K) images, K = --iw-k
+SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: a batch runs in chunks of (this // K) images, K = --iw-k
 
 
 def main(argv=None) -> int:
@@ -54,12 +54,11 @@ def train(run: training.Run, signals: training.Signals) -> int:
     """The epoch loop; returns 0, or after a signal the exit code (the run saved where it stopped)."""
     args, model, opt, device = run.args, run.model, run.opt, run.model.device
     n, bs, steps = len(run.train_set), args.batch_size, run.steps
-    dtype = torch.bfloat16 if run.bf16 else torch.float32  # the noise's: the encoder's output's, so z is not promoted
     # --compile: the objective as one graph (the noise is drawn outside it: a Generator cannot be traced)
     loss_fn = torch.compile(training.objective) if args.compile else training.objective
     for epoch in range(run.epoch, args.epochs):
         k = args.iw_k if epoch >= args.iw_start else 1  # importance samples: the ELBO (K = 1) before --iw-start
-        group = max(1, SAMPLES_PER_PASS // k)  # images per forward pass: bounds the memory
+        chunk = max(1, SAMPLES_PER_PASS // k)  # images per forward pass: bounds the memory
         perm = training.epoch_permutation(args.seed, epoch, n).to(device)
         stats = torch.zeros(steps, 3, device=device)  # per step: sums of recon, KL, objective
         first = run.step if epoch == run.epoch else 0  # resumed mid-epoch: the sums so far
@@ -74,13 +73,13 @@ def train(run: training.Run, signals: training.Signals) -> int:
             x = to_unit(x)
             if args.binarize:  # dynamic binarization: a fresh Bernoulli draw of every pixel, every batch
                 x = torch.bernoulli(x, generator=run.noise)
-            eps = torch.randn(k, len(x), model.config.latent_dim, generator=run.noise, device=device, dtype=dtype)
+            eps = torch.randn(k, len(x), model.config.latent_dim, generator=run.noise, device=device)
             beta = training.kl_weight(args, progress)
             for param_group in opt.param_groups:
                 param_group["lr"] = training.learning_rate(args, progress)
             opt.zero_grad(set_to_none=True)
-            for i in range(0, len(x), group):  # the gradients of the groups add up to the batch's
-                parts = loss_fn(model, x[i:i + group], None if y is None else y[i:i + group], eps[:, i:i + group],
+            for i in range(0, len(x), chunk):  # the gradients of the chunks add up to the batch's
+                parts = loss_fn(model, x[i:i + chunk], None if y is None else y[i:i + chunk], eps[:, i:i + chunk],
                                 beta, run.bf16)
                 (parts.total.sum() / len(x)).backward()  # the batch mean
                 stats[step] += torch.stack([parts.recon.sum(), parts.kl.sum(), parts.total.sum()]).detach()

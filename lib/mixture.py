@@ -49,7 +49,8 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
     Vassilvitskii 2007), refined by 10 k-means steps whose clusters give the first weights and
     covariances. float64, on data centred at their mean, in blocks of CHUNK points. Stops after
     `iterations` EM steps, or sooner when the mean log-likelihood per point gains less than `tol`
-    nats; `history` receives that mean at every E-step (it never decreases: a test checks).
+    nats; `history` receives that mean at every E-step (EM never lowers it; the ridge makes the M-step
+    not quite EM's, and a test checks that it still does not).
     Returns (weights [M], means [M, d], scale_tril [M, d, d]) as float32, M <= components."""
     assert x.dim() == 2 and len(x) >= 1 and components >= 1, (x.shape, components)
     x = x.double()

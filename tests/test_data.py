@@ -108,12 +108,12 @@ def test_corrupt_decompressed_file_is_reported_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.symlink_to(p.name),  # a folder; a loop
-                                  lambda p: p.symlink_to("nowhere")])
+                                  lambda p: p.symlink_to("nowhere"), os.mkfifo])
 def test_a_name_taken_by_no_file_is_named_not_downloaded_over(tmp_path, monkeypatch, make):
     monkeypatch.setattr(data, "_download", lambda _: pytest.fail("downloaded"))
     raw = _copy_raw(tmp_path, names=())
     make(raw / (LABELS + ".gz"))
-    with pytest.raises(UserError, match="not a file") as e:
+    with pytest.raises(UserError, match="not a regular file") as e:
         read_file(str(raw), LABELS)
     assert str(e.value).startswith(str(raw / (LABELS + ".gz"))) and "\n" not in str(e.value)
 

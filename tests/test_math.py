@@ -101,10 +101,10 @@ def test_the_k1_bound_is_the_elbo_to_the_bit(mnist_subset, bf16):
     torch.manual_seed(0)
     a = VAE(VAEConfig(**SMALL3))
     b = copy.deepcopy(a)
-    eps = noise(1, 32, 3).to(torch.bfloat16 if bf16 else torch.float32)
+    eps = noise(1, 32, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         mu, logvar = a.encode(x)
-        logits = a.decode(mu + torch.exp(0.5 * logvar) * eps[0])
+        logits = a.decode(mu.float() + torch.exp(0.5 * logvar.float()) * eps[0])  # z in fp32, whatever mu's precision
     recon, kl = bernoulli_nll(logits.float(), x), gaussian_kl(mu.float(), logvar.float())
     elbo = (recon + 0.5 * kl).mean()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -113,6 +113,24 @@ def test_the_k1_bound_is_the_elbo_to_the_bit(mnist_subset, bf16):
     elbo.backward()
     parts.total.backward()
     assert all(torch.equal(ga, gb) for ga, gb in zip(grads(a), grads(b)))
+
+
+def test_under_bf16_the_log_weights_are_of_the_z_the_prior_sees():
+    """Under bf16 autocast the encoder's output is bf16, but z = mu + sigma * eps is formed in fp32: log q(z|x)
+    and log p(z) are of one z. The sampled KL (a flow prior, K = 1) against both densities at that z."""
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(**SMALL3, flow_prior=2))
+    for p in m.prior.parameters():  # off the flow's identity start
+        p.data.normal_(0, 0.3)
+    x, eps = torch.rand(16, 1, 28, 28), noise(1, 16, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, logvar = m.encode(x)
+        kl = m.loss(x, eps=eps, reduction="none").kl
+    mu, sigma = mu.float(), torch.exp(0.5 * logvar.float())
+    z = mu + sigma * eps[0]
+    with torch.no_grad():
+        log_q = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)
+        assert torch.allclose(kl, log_q - m.prior.log_prob(z), atol=1e-4)
 
 
 def test_bound_tightens_with_k(mnist_subset):

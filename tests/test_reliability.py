@@ -85,7 +85,8 @@ def wait_for(proc, text, timeout=120):
     finally:
         watchdog.cancel()
     proc.kill()
-    raise AssertionError(f"never printed {text!r}: {''.join(lines)}{proc.stderr.read()}")
+    raise AssertionError(f"never printed {text!r} within {timeout} s (exit code {proc.wait()}): "
+                         f"{''.join(lines)}{proc.stderr.read()}")
 
 
 def assert_same_run(a, b):
