@@ -3,6 +3,7 @@ train.py, a self-contained model.py), imports without circles, no private torch 
 that match the code."""
 
 import ast
+import glob
 import os
 import re
 import subprocess
@@ -126,6 +127,19 @@ def test_every_flag_the_readme_names_exists():
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README))
     assert named, "the README names no flag"
     assert named <= known, f"the README names flags no script has: {sorted(named - known)}"
+
+
+def test_every_name_the_extension_guide_gives_is_in_the_code():
+    """docs/extending.md tells where a change goes, by name: each name must still be defined somewhere."""
+    guide = open(os.path.join(ROOT, "docs", "extending.md")).read()
+    code = "\n".join(open(p).read() for folder in ("", "lib", "tools", "tests")
+                     for p in glob.glob(os.path.join(ROOT, folder, "*.py")))
+    names = {t.split(".")[-1] for t in re.findall(r"`([A-Za-z_][\w.]*)(?:\(.*?\))?`", guide)
+             if not t.startswith(("nn.", "torch.")) and not t.endswith(".py")}
+    assert len(names) > 20, names
+    undefined = [n for n in sorted(names)
+                 if not re.search(rf"(def|class) {n}\b|^\s*(\w+, )*{n}(, \w+)*(: [^=]+)? = ", code, re.M)]
+    assert not undefined, f"docs/extending.md names what the code no longer defines: {undefined}"
 
 
 def test_readme_is_short():

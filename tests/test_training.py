@@ -37,6 +37,19 @@ def test_resume_matches_straight_run(tmp_path, capsys):
     assert "cannot undo" in line and load_checkpoint(a)["epoch"] == 4
 
 
+def test_a_resume_on_another_kind_of_device_reseeds_the_noise_and_says_so(tmp_path, capsys):
+    """A noise generator's state from another kind of device (a CUDA generator's is 16 bytes) cannot be restored
+    on this one: the resume says so, reseeds, and finishes the run."""
+    ckpt = tmp_path / "vae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "0", "--checkpoint", str(ckpt)]) == 0
+    c = load_checkpoint(ckpt)
+    c["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(with_checksums(c), ckpt)
+    capsys.readouterr()
+    assert train.main(["--epochs", "2", "--checkpoint", str(ckpt), "--resume"]) == 0
+    assert "noise RNG reseeded" in capsys.readouterr().out and load_checkpoint(ckpt)["epoch"] == 2
+
+
 def test_the_resume_hint_is_a_command_to_paste():
     hint = training.resume_hint(SimpleNamespace(checkpoint="runs/my run.pt", epochs=3))
     assert hint.endswith("--checkpoint 'runs/my run.pt' --epochs 3")
