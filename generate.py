@@ -23,6 +23,7 @@ from lib.checks import UserError
 from lib.data import NUM_CLASSES, load_test_set
 from lib.evaluation import active_dimensions
 from lib.files import check_output_path, write_atomic
+from model import bernoulli_mean
 
 GRIDS = ("reconstructions", "samples", "samples_prior", "interpolation", "traversal", "manifold")
 ROW = 8  # images per row in the reconstruction and sample grids
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         t = torch.linspace(0, 1, INTERP_STEPS, device=device).view(1, -1, 1)
         z = (a.unsqueeze(1) * (1 - t) + b.unsqueeze(1) * t).reshape(-1, mu.shape[1])
         zl = None if y is None else y[:INTERP_PAIRS].repeat_interleave(INTERP_STEPS)
-        grids["interpolation"] = torch.sigmoid(model.decode(z, zl)), INTERP_STEPS
+        grids["interpolation"] = bernoulli_mean(model.decode(z, zl)), INTERP_STEPS
 
         # Traversal, by mean test-set KL: inactive dimensions (KL ~ 0) decode one digit all along, so are left out.
         order, active = active_dimensions(model, test)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         z = mu[:1].repeat(len(rows) * len(steps), 1).view(len(rows), len(steps), -1)
         z[torch.arange(len(rows), device=device), :, rows] = steps  # row r sweeps dimension rows[r]
         zl = None if y is None else y[:1].repeat(z.shape[0] * len(steps))
-        grids["traversal"] = torch.sigmoid(model.decode(z.view(-1, mu.shape[1]), zl)), len(steps)
+        grids["traversal"] = bernoulli_mean(model.decode(z.view(-1, mu.shape[1]), zl)), len(steps)
         notes["traversal"] = (f"{len(rows)} of the {active} active latent dimensions (of {mu.shape[1]}; "
                               f"{mu.shape[1] - active} inactive), most active first" if active else
                               f"no active latent dimension (of {mu.shape[1]}): the one of highest KL")
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
             z = torch.stack(torch.meshgrid(g.flip(0), g, indexing="ij"), dim=-1).view(-1, 2)[:, [1, 0]]
             z = model.prior(z)  # the noise grid mapped to z: equal prior mass per cell
             zl = None if not classes else torch.full((len(z),), args.digit, device=device)
-            grids["manifold"] = torch.sigmoid(model.decode(z, zl)), MANIFOLD_SIDE
+            grids["manifold"] = bernoulli_mean(model.decode(z, zl)), MANIFOLD_SIDE
         elif mu.shape[1] == 2:
             print("note: no manifold.png: a conditional model's manifold is one digit's (pass --digit D)")
 

@@ -79,6 +79,11 @@ def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
 
 
+def bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
+    """The image a decoder output stands for: the Bernoulli means sigmoid(logits), in [0, 1], same shape."""
+    return torch.sigmoid(logits)
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I) given (Kingma & Welling 2014, sec. 2.4); eps may
     carry leading sample dims: [K, B, d] with mu [B, d] gives z [K, B, d]."""
@@ -386,7 +391,7 @@ class VAE(nn.Module):
                 idx = (labels == g).nonzero().squeeze(1)
                 if len(idx):
                     z[idx] = mixture.sample(len(idx), generator, group=g)
-        return torch.sigmoid(self.decode(z, labels))
+        return bernoulli_mean(self.decode(z, labels))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
@@ -394,7 +399,7 @@ class VAE(nn.Module):
         bad images or labels (as `encode`)."""
         labels = check_input(self, x, labels)
         mu, _ = self._encode(x, labels)
-        return torch.sigmoid(self.decode(mu, labels))
+        return bernoulli_mean(self.decode(mu, labels))
 
     @classmethod
     def from_checkpoint(cls, path, map_location=None) -> "VAE":

@@ -2,6 +2,7 @@
 what docs/reliability.md promises."""
 
 import copy
+import dataclasses
 import errno
 import io
 import os
@@ -775,10 +776,11 @@ def variants(c):
                 continue  # None is valid: no mixture, no average (--ema 0)
             lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
-    for key in ("image_channels", "image_size", "latent_dim", "hidden_dim", "num_classes", "res_blocks", "flow_prior"):
+    # every config field of each type, so that a field added to VAEConfig is walked too
+    for key in [f.name for f in dataclasses.fields(VAEConfig) if f.type.startswith("int")]:
         for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks", "flow_prior") else 7, 10**17]:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
-    for key in ("arch", "activation"):
+    for key in [f.name for f in dataclasses.fields(VAEConfig) if f.type == "str"]:
         for v in STR_BAD:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
     for v in [[4], ["4", "8"], "x", [0, 8], None, [10**9, 8]]:
