@@ -301,8 +301,8 @@ class VAE(nn.Module):
         """The two parts of the log importance weights of z_k = mu + sigma * eps_k, eps [K, B, d]:
         log p(x|z_k) [K, B] and log p(z_k) - log q(z_k|x) [P, K, B], one row per prior (its log_prob given z as
         [K * B, d]). Their sum is the log weight of Burda et al. (2015), eq. 8. The decoder (the costly part) runs
-        once for all priors; z and the densities are fp32 whatever the encoder's precision, so that log q is of the
-        very z the decoder and the priors see (a bf16 z would be a rounded one)."""
+        once for all priors; z and the densities are fp32 whatever the encoder's precision, so that log q(z|x) and
+        log p(z) are of one z (a bf16 z would be rounded after eps was drawn)."""
         k, b, d = eps.shape
         z = reparameterize(mu.float(), logvar.float(), eps.float())  # [K, B, d]
         # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]

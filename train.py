@@ -22,7 +22,7 @@ from lib.data import to_unit
 from lib.evaluation import importance_nll, negative_elbo
 
 LOG_EVERY = 50  # steps between host syncs (progress bar, non-finite check)
-SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: a batch runs in chunks of (this // K) images, K = --iw-k
+SAMPLES_PER_PASS = 4096  # decoded samples per forward pass: a batch runs in passes of (this // K) images, K = --iw-k
 
 
 def main(argv=None) -> int:
@@ -58,7 +58,7 @@ def train(run: training.Run, signals: training.Signals) -> int:
     loss_fn = torch.compile(training.objective) if args.compile else training.objective
     for epoch in range(run.epoch, args.epochs):
         k = args.iw_k if epoch >= args.iw_start else 1  # importance samples: the ELBO (K = 1) before --iw-start
-        chunk = max(1, SAMPLES_PER_PASS // k)  # images per forward pass: bounds the memory
+        per_pass = max(1, SAMPLES_PER_PASS // k)  # images per forward pass: bounds the memory
         perm = training.epoch_permutation(args.seed, epoch, n).to(device)
         stats = torch.zeros(steps, 3, device=device)  # per step: sums of recon, KL, objective
         first = run.step if epoch == run.epoch else 0  # resumed mid-epoch: the sums so far
@@ -78,9 +78,9 @@ def train(run: training.Run, signals: training.Signals) -> int:
             for param_group in opt.param_groups:
                 param_group["lr"] = training.learning_rate(args, progress)
             opt.zero_grad(set_to_none=True)
-            for i in range(0, len(x), chunk):  # the gradients of the chunks add up to the batch's
-                parts = loss_fn(model, x[i:i + chunk], None if y is None else y[i:i + chunk], eps[:, i:i + chunk],
-                                beta, run.bf16)
+            for i in range(0, len(x), per_pass):  # the gradients of the passes add up to the batch's
+                rows = slice(i, i + per_pass)
+                parts = loss_fn(model, x[rows], None if y is None else y[rows], eps[:, rows], beta, run.bf16)
                 (parts.total.sum() / len(x)).backward()  # the batch mean
                 stats[step] += torch.stack([parts.recon.sum(), parts.kl.sum(), parts.total.sum()]).detach()
             opt.step()

@@ -85,8 +85,7 @@ def sync(device):
 def project_step(model, opt, x, noise, bf16, loss_fn):
     """One step as train.py takes it (K = 1): noise drawn outside the loss, bf16 autocast, no sync."""
     x = to_unit(x)
-    eps = torch.randn(1, len(x), model.config.latent_dim, generator=noise, device=x.device,
-                      dtype=torch.bfloat16 if bf16 else torch.float32)
+    eps = torch.randn(1, len(x), model.config.latent_dim, generator=noise, device=x.device)
     opt.zero_grad(set_to_none=True)
     parts = loss_fn(model, x, None, eps, 1.0, bf16)  # training.objective, or its compiled graph
     (parts.total.sum() / len(x)).backward()

@@ -87,8 +87,8 @@ def read_file(raw: str, name: str) -> bytearray | None:
     if not os.path.isfile(source):
         odd = [p for p in (plain, plain + ".gz") if os.path.lexists(p)]  # not missing: never download over it
         if odd:
-            raise UserError(f"{odd[0]}: not a regular file (a folder, a pipe, or a link that leads nowhere or in a "
-                            "loop); remove it or put MNIST's file there")
+            raise UserError(f"{odd[0]}: not a regular file (a folder, a pipe or a device, or a link to one, to "
+                            "nowhere or in a loop); remove it or put MNIST's file there")
         return None
     try:
         with (open(source, "rb") if source == plain else gzip.open(source, "rb")) as f:

@@ -107,15 +107,16 @@ def test_corrupt_decompressed_file_is_reported_not_overwritten(tmp_path):
     assert (raw / LABELS).read_bytes()[8:] == bytes(10000)
 
 
+@pytest.mark.parametrize("suffix", ["", ".gz"])
 @pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.symlink_to(p.name),  # a folder; a loop
                                   lambda p: p.symlink_to("nowhere"), os.mkfifo])
-def test_a_name_taken_by_no_file_is_named_not_downloaded_over(tmp_path, monkeypatch, make):
+def test_a_name_taken_by_no_file_is_named_not_downloaded_over(tmp_path, monkeypatch, make, suffix):
     monkeypatch.setattr(data, "_download", lambda _: pytest.fail("downloaded"))
-    raw = _copy_raw(tmp_path, names=())
-    make(raw / (LABELS + ".gz"))
+    raw = _copy_raw(tmp_path, names=())  # the other three missing: a download, were the taken name missing too
+    make(raw / (LABELS + suffix))
     with pytest.raises(UserError, match="not a regular file") as e:
-        read_file(str(raw), LABELS)
-    assert str(e.value).startswith(str(raw / (LABELS + ".gz"))) and "\n" not in str(e.value)
+        data.ensure_mnist(tmp_path)  # all four files, as the scripts read them
+    assert str(e.value).startswith(str(raw / (LABELS + suffix))) and "\n" not in str(e.value)
 
 
 def test_missing_files_and_failed_download_give_one_line(tmp_path, monkeypatch):

@@ -776,7 +776,7 @@ def variants(c):
                 continue  # None is valid: no mixture, no average (--ema 0)
             lenient = key in optional and (v is KeyError or (v is None and key in ("rng", "optimizer")))
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
-    # every config field of each type, so that a field added to VAEConfig is walked too
+    # every int and str field of VAEConfig, so that one added later is walked too (another type needs its own here)
     for key in [f.name for f in dataclasses.fields(VAEConfig) if f.type.startswith("int")]:
         for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks", "flow_prior") else 7, 10**17]:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL

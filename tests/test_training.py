@@ -171,7 +171,7 @@ def test_the_compiled_objective_has_the_eager_gradients_under_bf16():
     m = VAE(VAEConfig(**SMALL, flow_prior=2))
     for p in m.prior.parameters():  # off the flow's identity start, where bf16 and fp32 would agree
         p.data.normal_(0, 0.1)
-    x, eps = torch.bernoulli(torch.rand(8, 1, 28, 28)), torch.randn(1, 8, SMALL["latent_dim"], dtype=torch.bfloat16)
+    x, eps = torch.bernoulli(torch.rand(8, 1, 28, 28)), torch.randn(1, 8, SMALL["latent_dim"])
     grads = []
     for fn in (training.objective, torch.compile(training.objective, backend="aot_eager")):
         m.zero_grad()
@@ -254,8 +254,8 @@ def test_binarized_training_sees_binary_pixels(binarized_run, tmp_path, monkeypa
     assert all(set(u.tolist()) <= {0.0, 1.0} for u in seen)
 
 
-def test_chunks_give_the_same_gradient(tmp_path, monkeypatch):
-    """Memory stays bounded: with K samples per image a batch is split into chunks of images whose
+def test_passes_give_the_same_gradient(tmp_path, monkeypatch):
+    """Memory stays bounded: with K samples per image a batch is split into passes over parts of it whose
     gradients add up to the one-pass gradient (the first step's, same weights, batch and noise)."""
     runs, real, passes, objective = [], torch.optim.Adam.step, [], training.objective
 
@@ -269,15 +269,15 @@ def test_chunks_give_the_same_gradient(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     monkeypatch.setattr(training, "objective", counted)
-    for per_pass in (10_000, 16):  # 8 samples per image: 1 chunk of 64 images, then 32 chunks of 2
+    for per_pass in (10_000, 16):  # 8 samples per image: 1 pass of 64 images, then 32 passes of 2
         monkeypatch.setattr(train, "SAMPLES_PER_PASS", per_pass)
         runs.append([])
         passes.append(0)
         assert train.main([*TINY, "--limit", "64", "--epochs", "1", "--iw-k", "8", "--mixture-components", "0",
                            "--precision", "fp32", "--checkpoint", str(tmp_path / f"g{per_pass}.pt")]) == 0
-    (one,), (chunks,) = runs
+    (one,), (split,) = runs
     assert passes == [1, 32]
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(one, chunks))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(one, split))
 
 
 def test_cli_logs_both_bounds(tmp_path, capsys):
