@@ -26,6 +26,7 @@ MAX_EPOCHS = 1_000_000
 # Far above any useful MNIST model: a config that asks for more is refused before torch tries to allocate it.
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
+ZERO_ALLOWED = ("num_classes", "res_blocks", "flow_prior")  # int config fields whose 0 means none (others: >= 1)
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 # The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
@@ -63,7 +64,7 @@ def check_config(config, choices: dict) -> None:
         if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in [n for n in MAX_SIZE if n != "channels"]:
-        v, low = getattr(config, name), 0 if name in ("num_classes", "res_blocks", "flow_prior") else 1
+        v, low = getattr(config, name), 0 if name in ZERO_ALLOWED else 1
         if not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
     ch = config.channels

@@ -22,7 +22,7 @@ import generate
 import train
 from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
 from lib import cli, data, files, training
-from lib.checks import FORMAT, load_checkpoint, with_checksums
+from lib.checks import FORMAT, ZERO_ALLOWED, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
 from model import VAE, VAEConfig
 from tools import fit_mixture
@@ -778,7 +778,7 @@ def variants(c):
             yield f"{key}={v!r}", put((key,), v), optional[key] if lenient else ALL
     # every int and str field of VAEConfig, so that one added later is walked too (another type needs its own here)
     for key in [f.name for f in dataclasses.fields(VAEConfig) if f.type.startswith("int")]:
-        for v in INT_BAD + [0 if key not in ("num_classes", "res_blocks", "flow_prior") else 7, 10**17]:
+        for v in INT_BAD + [0 if key not in ZERO_ALLOWED else 7, 10**17]:
             yield f"model_config.{key}={v!r}", put(("model_config", key), v), ALL
     for key in [f.name for f in dataclasses.fields(VAEConfig) if f.type == "str"]:
         for v in STR_BAD:
