@@ -118,8 +118,9 @@ def check_input(model, x, labels, k: int = 1, chunk: int = 1, eps=None, reductio
     float32 tensor [B, C, H, W] (B >= 1) of pixels in [0, 1] on the model's device; labels as `as_labels` takes them;
     ints k, chunk >= 1; the noise eps, a float tensor [k, B, latent_dim] on that device, but not float64 (z is formed
     in fp32: float64 noise would only be rounded); a reduction; a finite beta >= 0; priors (one at least) whose
-    log_prob maps [N, latent_dim] to [N]; a generator as `check_generator` takes it. Pixel values and finite noise are checked on the CPU only: on a GPU
-    the test would stall the step on a host sync. Returns the labels as a tensor."""
+    log_prob maps [N, latent_dim] to [N]; a generator as `check_generator` takes it. Pixel values and finite noise
+    are checked on the CPU only: on a GPU the test would stall the step on a host sync. Returns the labels as a
+    tensor."""
     config, device = model_of(model)
     for name, v in (("k", k), ("chunk", chunk)):
         if not is_int(v) or v < 1:

@@ -79,9 +79,8 @@ def parse_idx(data, source: str, shape: tuple[int, ...] | None = None) -> torch.
 def read_file(raw: str, name: str) -> bytearray | None:
     """The verified content of `raw/name` (structure, then the SHA-256 of SHA256SUMS), decompressing `name.gz` beside
     it if needed (written atomically where the folder allows); None if neither exists (UserError if neither is a file
-    but one of the names is taken). Reads at most one byte more
-    than the file should have, so a gzip bomb cannot fill memory. Never deletes or overwrites anything but its own
-    temp files."""
+    but one of the names is taken). Reads at most one byte more than the file should have, so a gzip bomb cannot
+    fill memory. Never deletes or overwrites anything but its own temp files."""
     plain, limit = os.path.join(raw, name), 4 + 4 * len(FILES[name]) + math.prod(FILES[name])
     source = plain if os.path.isfile(plain) else plain + ".gz"
     if not os.path.isfile(source):
