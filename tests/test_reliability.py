@@ -28,7 +28,7 @@ from model import VAE, VAEConfig
 from tools import fit_mixture
 
 # More steps per epoch than TINY, so a signal lands mid-epoch.
-SLOW = [*TINY, "--limit", "2048", "--batch-size", "16", "--ema", "0.9"]  # 128 steps per epoch; the average resumed too
+SLOW = [*TINY, "--limit", "1024", "--batch-size", "16", "--ema", "0.9"]  # 64 steps per epoch; the average resumed too
 
 # Runs train.main in a subprocess with os.replace slowed down for the Nth checkpoint write, so the
 # test can SIGKILL it while the new checkpoint exists only as a complete temp file.
@@ -110,13 +110,13 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code, capsys):
     ckpt = tmp_path / "run.pt"
-    at = 128 + 37  # epoch 2, step 37
+    at = 64 + 37  # epoch 2, step 37
     proc = start([*SLOW, "--epochs", "3", "--checkpoint", ckpt], SIGNAL_AT.format(root=ROOT, name="learning_rate", n=at, sig=int(sig)))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and f"saved {ckpt}" in lines[0] and "--resume" in lines[0], err
-    assert "epoch 2, step 37/128" in lines[0]
+    assert "epoch 2, step 37/64" in lines[0]
     c = load_checkpoint(ckpt)
     assert (c["epoch"], c["step"]) == (1, 37)  # stopped mid-epoch, state saved there
     assert len(read_csv(tmp_path / "run.pt.metrics.csv")) == 1
