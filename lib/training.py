@@ -269,12 +269,15 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
             raise UserError(f"{path} exists: pass overwrite=True to replace it")
 
     refuse_existing()
-    ckpt = with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture))
+    buf = io.BytesIO()  # serialised once: the read-back copy and the file are these bytes
+    torch.save(with_checksums(checkpoint(model, {**cli.flags_of(config), "binarize": binarize}, model.latent_mixture)),
+               buf)
     try:
         scratch = tempfile.TemporaryDirectory()  # for a copy read back as generate.py and evaluate.py read it
         tmp = os.path.join(scratch.name, "model.pt")
-        torch.save(ckpt, tmp)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
         raise UserError(f"{path}: not saved: cannot write its read-back copy in {tempfile.gettempdir()} "
                         f"({checks.first_line(e)})") from None
     with scratch:
@@ -285,7 +288,7 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
                             + str(e).replace(f"{tmp}: ", "", 1)) from None
     with files.Lock(path):  # not under a train.py that writes it
         refuse_existing()  # nor over a file saved since the check above
-        files.save_atomic(ckpt, path)
+        files.write_atomic(path, lambda f: f.write(buf.getbuffer()))
         if overwrite and os.path.exists(csv_path):
             os.unlink(csv_path)
 
