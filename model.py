@@ -33,11 +33,13 @@ ARCHS = ("conv", "mlp")
 
 @dataclass
 class VAEConfig:
+    """Every size of the model. A value it cannot take raises UserError (a ValueError) naming the field."""
+
     image_channels: int = 1
     image_size: int = 28  # square images; the conv arch needs a multiple of 4
     latent_dim: int = 32
     arch: str = "conv"  # "conv" or "mlp" (the pytorch/examples shape)
-    hidden_dim: int = 256  # width of the fully connected layer(s)
+    hidden_dim: int = 256  # width of the fully connected layer(s), and of the flow prior's coupling nets
     channels: tuple[int, int] = (32, 64)  # conv widths at 1/2 and 1/4 resolution
     res_blocks: int | None = None  # residual blocks per conv resolution; None: 1 (conv), 0 (mlp)
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
@@ -187,6 +189,7 @@ class GaussianMixture(nn.Module):
             self.register_buffer(name, t.float(), persistent=False)
 
     def state(self) -> dict:
+        """The three tensors on the CPU: what a checkpoint stores and __init__ takes back."""
         return {name: getattr(self, name).cpu() for name in ("weights", "means", "scale_tril")}
 
     def sample(self, n: int, generator: torch.Generator | None = None, group: int | None = None) -> torch.Tensor:
@@ -290,8 +293,11 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor, labels=None) -> torch.Tensor:
         """z: [B, latent_dim] -> Bernoulli logits [B, C, H, W]. labels: as for `encode`. UserError
         (a ValueError) for a z or labels the model cannot take."""
+        return self._decode(z, check_latent(self, z, labels))
+
+    def _decode(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """decode's network, for latents made or checked by the method calling it."""
         c = self.config
-        labels = check_latent(self, z, labels)
         h = self.dec_head(with_labels(z.float(), labels, c.num_classes))  # fp32 weights (autocast casts on)
         if c.arch == "conv":
             h = self.dec_body(h.view(-1, *self.feat_shape))
@@ -306,7 +312,7 @@ class VAE(nn.Module):
         k, b, d = eps.shape
         z = reparameterize(mu.float(), logvar.float(), eps.float())  # [K, B, d]
         # z.reshape is sample-major, so labels repeat whole: [l_1..l_B, l_1..l_B, ...]
-        logits = self.decode(z.reshape(k * b, d), None if labels is None else labels.repeat(k))
+        logits = self._decode(z.reshape(k * b, d), None if labels is None else labels.repeat(k))
         target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         log_px_z = -bernoulli_nll(logits.float(), target.float()).view(k, b)
         log_q = (-0.5 * (eps.float().pow(2) + logvar.float() + LOG_2PI)).sum(-1)
@@ -391,7 +397,7 @@ class VAE(nn.Module):
                 idx = (labels == g).nonzero().squeeze(1)
                 if len(idx):
                     z[idx] = mixture.sample(len(idx), generator, group=g)
-        return bernoulli_mean(self.decode(z, labels))
+        return bernoulli_mean(self._decode(z, labels))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
@@ -399,13 +405,14 @@ class VAE(nn.Module):
         bad images or labels (as `encode`)."""
         labels = check_input(self, x, labels)
         mu, _ = self._encode(x, labels)
-        return bernoulli_mean(self.decode(mu, labels))
+        return bernoulli_mean(self._decode(mu, labels))
 
     @classmethod
     def from_checkpoint(cls, path, map_location=None) -> "VAE":
         """The model of a checkpoint written by train.py (config, weights, latent mixture), in eval
-        mode. Read with torch.load(weights_only=True), so a crafted file cannot run code; anything
-        unusable raises UserError (a ValueError) with a one-line message naming the file."""
+        mode, on map_location (as torch.load takes it; default: where it was saved). Read with
+        torch.load(weights_only=True), so a crafted file cannot run code; anything unusable raises
+        UserError (a ValueError) with a one-line message naming the file."""
         return load_model(path, cls, VAEConfig, GaussianMixture, map_location)[0]
 
 

@@ -30,7 +30,7 @@ ZERO_ALLOWED = ("num_classes", "res_blocks", "flow_prior")  # int config fields 
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 # The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
-                 "kl_weight", "seconds")  # kl_weight: the one the epoch ended at
+                 "kl_weight", "seconds")  # recon, kl: test_loss's two terms; kl_weight: the one the epoch ended at
 IW_FIELDS = ("train_iw", "test_iw")  # --iw-k > 1: the negative K-sample bound (train: the objective's estimate), test
 KEYS = ("format", "model_config", "model", "ema", "optimizer", "epoch", "step", "partial", "partial_seconds", "rng",
         "metrics", "args", "latent_mixture")  # and sha256, checked on its own

@@ -50,7 +50,7 @@ class Run:
     @property
     def evaluated(self) -> VAE:
         """What the test loss, the latent mixture, samples and a loaded model use: `ema` where kept, else `model`."""
-        return self.ema or self.model
+        return self.ema if self.ema is not None else self.model
 
 
 @contextlib.contextmanager
@@ -80,9 +80,10 @@ def setup(args):
                   "to train on")
             yield None
             return
-        if args.lr_decay is None and stored_epochs and ckpt["epoch"] < args.epochs != stored_epochs:  # cosine's end
-            print(f"note: the cosine learning rate now reaches 0 at epoch {args.epochs}, not {stored_epochs}, so the run "
-                  f"differs from a straight {args.epochs}-epoch one (a run started with --lr-decay extends exactly)")
+        cosine_moved = args.lr_decay is None and stored_epochs and args.epochs != stored_epochs  # its end moved
+        if cosine_moved and ckpt["epoch"] < args.epochs:
+            print(f"note: the cosine learning rate now reaches 0 at epoch {args.epochs}, not {stored_epochs}, so the "
+                  f"run differs from a straight {args.epochs}-epoch one (a run started with --lr-decay extends exactly)")
     elif os.path.exists(path) and not args.overwrite:
         raise UserError(f"{path} exists: pass --resume to continue it, --overwrite to start again, "
                         "or --checkpoint for a new file")
@@ -181,7 +182,7 @@ def kl_weight(args, progress: float) -> float:
 def objective(model, x, labels, eps, beta: float, bf16: bool):
     """The step's VAE.loss per image (LossParts of [B] tensors), K = eps.shape[0], under bf16 autocast if bf16, entered
     inside what --compile compiles: around a compiled call its backward would run under autocast too, giving what
-    VAE.loss keeps in fp32 (the flow's density) bf16 gradients, unlike eager (pytorch/pytorch#179804)."""
+    VAE.loss keeps in fp32 (the flow's density) bf16 gradients, unlike eager."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         return model.loss(x, labels, k=eps.shape[0], beta=beta, eps=eps, reduction="none")
 

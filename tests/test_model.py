@@ -114,13 +114,13 @@ def hand_made_mixture(groups, d, offset=10.0):
 
 def capture_z(model):
     seen = []
-    real = model.decode
+    real = model._decode  # what sample() decodes through
 
     def decode(z, labels=None):
         seen.append(z.clone())
         return real(z, labels)
 
-    model.decode = decode
+    model._decode = decode
     return seen
 
 
