@@ -103,7 +103,8 @@ def train(run: training.Run, signals: training.Signals) -> int:
                "train_kl": train_kl, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"],
                "kl_weight": training.kl_weight(args, epoch + 1)}
         if k > 1:  # the bound the run optimises, on the test set too (fp32, seeded)
-            test_iw = importance_nll(run.evaluated, run.test_set, k, min(k, 100), args.eval_batch_size, args.seed)[0]
+            chunk = max(1, min(k, SAMPLES_PER_PASS // args.eval_batch_size))  # as training's passes: bounds the memory
+            test_iw = importance_nll(run.evaluated, run.test_set, k, chunk, args.eval_batch_size, args.seed)[0]
             row.update(train_iw=train_objective, test_iw=test_iw)
         row["seconds"] = time.perf_counter() - started  # the epoch's training and evaluation
         run.metrics.append(row)

@@ -13,6 +13,7 @@ import train
 from conftest import ROOT, SMALL, TINY, cli_error, read_csv, same_metrics
 from lib import cli, training
 from lib.checks import load_checkpoint, with_checksums
+from lib.evaluation import importance_nll
 from model import VAE, VAEConfig
 
 def test_resume_matches_straight_run(tmp_path, capsys):
@@ -294,6 +295,19 @@ def test_cli_logs_both_bounds(tmp_path, capsys):
     assert len(read_csv(tmp_path / "iw.pt.metrics.csv")) == 3
     line = cli_error(train.main, [*TINY, "--iw-k", "4", "--beta", "2", "--checkpoint", tmp_path / "b.pt"], capsys)
     assert "--iw-k" in line and "--beta" in line
+
+
+def test_the_test_sets_iw_bound_decodes_no_more_per_pass_than_training(tmp_path, monkeypatch):
+    passes = []
+
+    def recorded(model, data, k, chunk, batch_size, *args):
+        passes.append(chunk * batch_size)
+        return importance_nll(model, data, k, chunk, batch_size, *args)
+
+    monkeypatch.setattr(train, "importance_nll", recorded)
+    assert train.main([*TINY, "--epochs", "1", "--iw-k", "64", "--mixture-components", "0",
+                       "--checkpoint", str(tmp_path / "iw.pt")]) == 0
+    assert passes and max(passes) <= train.SAMPLES_PER_PASS, passes
 
 
 def test_an_iwae_phase_follows_elbo_epochs(tmp_path, capsys):
