@@ -21,7 +21,7 @@ import time
 
 from lib import cli
 from lib.checks import UserError
-from lib.data import BINARIZE_SEED, TensorDataset, load_test_set
+from lib.data import TensorDataset, fitting_set, load_test_set
 from lib.evaluation import DEFAULT_WEIGHTS, importance_nll, load_classifier, negative_elbo, sample_scores
 from lib.files import check_output_path, lock_path, metrics_path, write_atomic
 from lib.mixture import MAX_COMPONENTS, fit_to_model
@@ -86,9 +86,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     priors, fit_seconds, fit_images = [None], None, 0
     if args.prior_components:
-        train = TensorDataset.load("train", args.data_dir, device, args.limit)
-        if binarize:
-            train = train.binarized(BINARIZE_SEED + 1)  # one draw, not the test set's
+        train = fitting_set(TensorDataset.load("train", args.data_dir, device, args.limit), binarize)
         d = model.config.latent_dim
         if len(train) < args.prior_components * (d + 1):  # fewer points than a full covariance's parameters need
             print(f"note: {cli.count(len(train), 'training image')} for {cli.count(args.prior_components, 'component')}"

@@ -95,8 +95,9 @@ TRAIN_FLAGS = (
                              "averaging) that evaluation, sampling and the saved model use; 0: off")),
     ("--mixture-components", RUN, dict(type=Number(int, 0, MAX_COMPONENTS), default=None,
                                        help="when training ends, fit a Gaussian mixture with this many components "
-                                            "to the training images' posterior means (per digit with "
-                                            "--conditional), which samples then come from; 0: none (default: "
+                                            "to the training images' posterior means (of one binarized draw "
+                                            "with --binarize; per digit with --conditional), which samples then "
+                                            "come from; 0: none (default: "
                                             f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
                                             "--flow-prior)")),
     ("--limit", RUN, dict(type=POSITIVE_INT, default=None,

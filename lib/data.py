@@ -215,6 +215,12 @@ class TensorDataset:
             yield self.batch(slice(i, i + batch_size))
 
 
+def fitting_set(train_set: TensorDataset, binarize: bool) -> TensorDataset:
+    """The training images a latent mixture is fitted to, as the model was trained on them: for a
+    binarized model one draw of them (with its own seed, not the test set's)."""
+    return train_set.binarized(BINARIZE_SEED + 1) if binarize else train_set
+
+
 def load_test_set(data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None,
                   binarize: bool = False) -> TensorDataset:
     """The test split as every script evaluates it. For binarized runs, each pixel is drawn once as Bernoulli(grey

@@ -22,7 +22,7 @@ import torch
 
 from lib import checks, cli, files
 from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
-from lib.data import TensorDataset, load_test_set
+from lib.data import TensorDataset, fitting_set, load_test_set
 from lib.mixture import default_components, describe, fit_to_model
 from model import VAE, GaussianMixture
 
@@ -301,7 +301,8 @@ def fit_latent_mixture(run: Run) -> None:
         return
     t0 = time.perf_counter()
     model = run.evaluated
-    fitted = fit_to_model(model, run.train_set.images, run.train_set.labels, m, run.args.seed)
+    images = fitting_set(run.train_set, run.args.binarize)
+    fitted = fit_to_model(model, images.images, images.labels, m, run.args.seed)
     if fitted is None:
         print("note: no latent mixture fitted (a digit has no training image); samples come from the prior")
         return

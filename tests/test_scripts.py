@@ -20,8 +20,9 @@ from conftest import ROOT, SMALL, TINY, cli_error, one_line_error, read_csv, run
 from lib import cli
 from lib.checks import load_checkpoint, with_checksums
 from lib.evaluation import load_classifier
-from lib.data import TensorDataset, load_test_set
+from lib.data import TensorDataset, fitting_set, load_test_set
 from lib.evaluation import active_dimensions, classify, frechet_distance
+from lib.mixture import fit_to_model
 from lib.training import save_model
 from model import VAE, VAEConfig
 from tools import fit_mixture, train_classifier
@@ -283,6 +284,23 @@ def test_fit_mixture_script_adds_and_removes_a_mixture(mixture_run, tmp_path, ca
     assert VAE.from_checkpoint(ckpt).latent_mixture is None
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img"), "--n", "2"]) == 0
     assert "samples.png  (from the prior: the checkpoint has no latent mixture)" in capsys.readouterr().out
+
+
+def test_a_binarized_models_mixture_is_fitted_to_binarized_images(tmp_path):
+    """train.py and tools/fit_mixture.py fit a --binarize run's mixture to one binarized draw of the
+    training images, as the encoder saw them (grey levels would be inputs it never trained on)."""
+    ckpt = tmp_path / "bin.pt"
+    assert train.main([*TINY, "--binarize", "--epochs", "1", "--mixture-components", "2",
+                       "--checkpoint", str(ckpt)]) == 0
+    trained = load_checkpoint(ckpt)["latent_mixture"]["means"]
+    model = VAE.from_checkpoint(ckpt)  # its memory format, not training's: the last bits may differ
+    train_set = TensorDataset.load("train", limit=512)
+    fits = {binary: fit_to_model(model, images.images, images.labels, 2, seed=0)["means"]
+            for binary, images in ((True, fitting_set(train_set, True)), (False, train_set))}
+    assert torch.allclose(fits[True], trained, rtol=0, atol=1e-6)
+    assert not torch.allclose(fits[False], trained, rtol=0, atol=1e-5)  # grey levels: other means
+    assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "2"]) == 0
+    assert torch.equal(load_checkpoint(ckpt)["latent_mixture"]["means"], fits[True])
 
 
 def test_a_model_trained_by_ones_own_loop_is_saved_for_the_scripts(mnist_subset, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib import cli  # noqa: E402
 from lib.checks import UserError, with_checksums  # noqa: E402
-from lib.data import TensorDataset  # noqa: E402
+from lib.data import TensorDataset, fitting_set  # noqa: E402
 from lib.files import Lock, modified, save_atomic  # noqa: E402
 from lib.mixture import (DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS,  # noqa: E402
                          default_components, describe, fit_to_model)
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
             ckpt["latent_mixture"] = None
             print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")
         else:
-            data = TensorDataset.load("train", args.data_dir, device, ckpt["args"]["limit"])  # as trained
+            data = fitting_set(TensorDataset.load("train", args.data_dir, device, ckpt["args"]["limit"]),
+                               ckpt["args"]["binarize"])  # as trained
             t0 = time.perf_counter()
             ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, components, args.seed)
             if ckpt["latent_mixture"] is None:
