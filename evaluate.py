@@ -7,9 +7,10 @@
 
 The NLL is VAE.log_likelihood's bound (Burda et al. 2015, eq. 8) on the test set, binarized when the
 checkpoint was trained with --binarize. --prior-components M also scores the same decoder, from the same
-samples, under an M-component mixture fitted to one posterior sample of each training image: the gap to the
-model's own prior is the NLL cost of that prior's mismatch with the aggregate posterior (Hoffman & Johnson
-2016; Dai & Wipf 2019). --sample-quality scores samples instead (lib/evaluation.py says what each figure means).
+samples, under an M-component mixture fitted to one posterior sample of each training image (of one binarized
+draw of them for a binarized model, lib.data.fitting_set): the gap to the model's own prior is the NLL cost of
+that prior's mismatch with the aggregate posterior (Hoffman & Johnson 2016; Dai & Wipf 2019). --sample-quality
+scores samples instead (lib/evaluation.py says what each figure means).
 """
 
 from __future__ import annotations

@@ -189,10 +189,11 @@ class TensorDataset:
         return cls(images.to(device), labels.to(device))
 
     def binarized(self, seed: int) -> "TensorDataset":
-        """A copy with each pixel drawn once as Bernoulli(grey level), stored as 0 or 255."""
-        g = torch.Generator(device=self.images.device).manual_seed(seed)
-        bits = torch.bernoulli(self.images.float().div(255), generator=g)
-        return TensorDataset(bits.mul(255).to(torch.uint8), self.labels)
+        """A copy with each pixel drawn once as Bernoulli(grey level), stored as 0 or 255, drawn on the
+        CPU so that every device gets the same images."""
+        g = torch.Generator().manual_seed(seed)
+        bits = torch.bernoulli(self.images.cpu().float().div_(255), generator=g)
+        return TensorDataset(bits.mul_(255).to(torch.uint8).to(self.images.device), self.labels)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -224,8 +225,6 @@ def fitting_set(train_set: TensorDataset, binarize: bool) -> TensorDataset:
 def load_test_set(data_dir=DEFAULT_DATA_DIR, device="cpu", limit: int | None = None,
                   binarize: bool = False) -> TensorDataset:
     """The test split as every script evaluates it. For binarized runs, each pixel is drawn once as Bernoulli(grey
-    level) with BINARIZE_SEED, on the CPU so every device gets the same images."""
-    test = TensorDataset.load("test", data_dir, "cpu", limit)
-    if binarize:
-        test = test.binarized(BINARIZE_SEED)
-    return TensorDataset(test.images.to(device), test.labels.to(device))
+    level) with BINARIZE_SEED (TensorDataset.binarized)."""
+    test = TensorDataset.load("test", data_dir, device, limit)
+    return test.binarized(BINARIZE_SEED) if binarize else test

@@ -20,7 +20,7 @@ from conftest import ROOT, SMALL, TINY, cli_error, one_line_error, read_csv, run
 from lib import cli
 from lib.checks import load_checkpoint, with_checksums
 from lib.evaluation import load_classifier
-from lib.data import TensorDataset, fitting_set, load_test_set
+from lib.data import BINARIZE_SEED, TensorDataset, fitting_set, load_test_set
 from lib.evaluation import active_dimensions, classify, frechet_distance
 from lib.mixture import fit_to_model
 from lib.training import save_model
@@ -191,13 +191,15 @@ def test_evaluate_with_a_fitted_prior(binarized_run, tmp_path, capsys, monkeypat
     out, fitted_to, fit = tmp_path / "nll.json", [], evaluate.fit_to_model
 
     def counted_fit(model, images, *args, **kwargs):
-        fitted_to.append(len(images))
+        fitted_to.append(images)
         return fit(model, images, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "fit_to_model", counted_fit)
     assert evaluate.main(["--checkpoint", str(binarized_run), "--k", "5", "--limit", "20",
                           "--prior-components", "5", "--json", str(out)]) == 0
-    assert fitted_to == [20]  # --limit applies to the training images the prior is fitted to, too
+    # --limit applies to the training images the prior is fitted to, too; a binarized model's: one binarized draw
+    assert len(fitted_to) == 1
+    assert torch.equal(fitted_to[0], TensorDataset.load("train", limit=20).binarized(BINARIZE_SEED + 1).images)
     printed = capsys.readouterr().out
     assert "fitted to 20 training images'" in printed
     assert "note: 20 training images for 5 components" in printed  # fewer than d + 1 = 5 per component
@@ -295,8 +297,11 @@ def test_a_binarized_models_mixture_is_fitted_to_binarized_images(tmp_path):
     trained = load_checkpoint(ckpt)["latent_mixture"]["means"]
     model = VAE.from_checkpoint(ckpt)  # its memory format, not training's: the last bits may differ
     train_set = TensorDataset.load("train", limit=512)
+    draw = train_set.binarized(BINARIZE_SEED + 1)  # not the test set's draw
+    assert torch.equal(fitting_set(train_set, True).images, draw.images)
+    assert not torch.equal(draw.images, train_set.binarized(BINARIZE_SEED).images)
     fits = {binary: fit_to_model(model, images.images, images.labels, 2, seed=0)["means"]
-            for binary, images in ((True, fitting_set(train_set, True)), (False, train_set))}
+            for binary, images in ((True, draw), (False, train_set))}
     assert torch.allclose(fits[True], trained, rtol=0, atol=1e-6)
     assert not torch.allclose(fits[False], trained, rtol=0, atol=1e-5)  # grey levels: other means
     assert fit_mixture.main(["--checkpoint", str(ckpt), "--components", "2"]) == 0
