@@ -301,8 +301,8 @@ def fit_latent_mixture(run: Run) -> None:
         return
     t0 = time.perf_counter()
     model = run.evaluated
-    images = fitting_set(run.train_set, run.args.binarize)
-    fitted = fit_to_model(model, images.images, images.labels, m, run.args.seed)
+    data = fitting_set(run.train_set, run.args.binarize)
+    fitted = fit_to_model(model, data.images, data.labels, m, run.args.seed)
     if fitted is None:
         print("note: no latent mixture fitted (a digit has no training image); samples come from the prior")
         return
