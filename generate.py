@@ -72,8 +72,9 @@ def main(argv=None) -> int:
         pairs = torch.stack([x.view(4, ROW, *x.shape[1:]), rec.view(4, ROW, *x.shape[1:])], dim=1)
         grids["reconstructions"] = pairs.reshape(-1, *x.shape[1:]), ROW
 
-        if model.latent_mixture is None:
-            notes["samples"] = "from the prior: the checkpoint has no latent mixture"
+        notes["samples"] = ("from the latent mixture" if model.latent_mixture is not None else
+                            "from the prior: the checkpoint has no latent mixture")
+        notes["samples_prior"] = "from the prior"
         for name, prior in (("samples", False), ("samples_prior", True)):
             if classes and args.digit is None:  # one row per digit
                 labels = torch.arange(classes, device=device).repeat_interleave(args.n)
