@@ -410,9 +410,9 @@ class VAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location=None) -> "VAE":
         """The model of a checkpoint written by train.py (config, weights, latent mixture), in eval
-        mode, on map_location (as torch.load takes it; default: where it was saved). Read with
-        torch.load(weights_only=True), so a crafted file cannot run code; anything unusable raises
-        UserError (a ValueError) with a one-line message naming the file."""
+        mode, on map_location (as torch.load takes it; default: the CPU, where checkpoints keep their
+        tensors). Read with torch.load(weights_only=True), so a crafted file cannot run code; anything
+        unusable raises UserError (a ValueError) with a one-line message naming the file."""
         return load_model(path, cls, VAEConfig, GaussianMixture, map_location)[0]
 
 
