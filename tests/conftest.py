@@ -15,6 +15,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
 TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
         "--batch-size", "64", "--eval-batch-size", "256", "--device", "cpu"]
+MIXTURE_RUN = [*TINY, "--epochs", "1", "--mixture-components", "2", "--ema", "0.99"]  # every checkpoint field filled
 SMALL = dict(channels=(4, 8), hidden_dim=32, latent_dim=4)  # TINY's model, as VAEConfig keywords
 SMALL3 = dict(SMALL, latent_dim=3)
 
@@ -84,6 +85,5 @@ def mixture_run(tmp_path_factory):
     import train
 
     ckpt = tmp_path_factory.mktemp("mixture_run") / "vae.pt"
-    assert train.main([*TINY, "--epochs", "1", "--mixture-components", "2", "--ema", "0.99",
-                       "--checkpoint", str(ckpt)]) == 0
+    assert train.main([*MIXTURE_RUN, "--checkpoint", str(ckpt)]) == 0
     return ckpt

@@ -20,7 +20,7 @@ import torch
 import evaluate
 import generate
 import train
-from conftest import ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
+from conftest import MIXTURE_RUN, ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
 from lib import cli, data, files, training
 from lib.checks import FORMAT, ZERO_ALLOWED, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
@@ -828,8 +828,7 @@ def plain_run(tmp_path_factory):
     """mixture_run's kind of checkpoint without residual blocks: every field the same, fewer tensors,
     so each of the walk's hundreds of loads is quicker."""
     ckpt = tmp_path_factory.mktemp("plain_run") / "vae.pt"
-    assert train.main([*TINY, "--res-blocks", "0", "--epochs", "1", "--mixture-components", "2", "--ema", "0.99",
-                       "--checkpoint", str(ckpt)]) == 0
+    assert train.main([*MIXTURE_RUN, "--res-blocks", "0", "--checkpoint", str(ckpt)]) == 0
     return ckpt
 
 
