@@ -24,7 +24,7 @@ MAX_COMPONENTS = 1000
 RIDGE = 1e-4  # times the data's mean variance, added to every covariance's diagonal
 MIN_VARIANCE = 1e-6  # the variance the ridge is scaled by when the points have none (one point)
 ITERATIONS = 20  # EM iterations after the k-means start; the sample score had converged by then
-CHUNK = 8192  # points per block in fit: bounds its memory at a few [CHUNK, d * d] tensors
+CHUNK = 2048  # points per block in fit: bounds its memory at a few [CHUNK, d * d] tensors
 
 
 def _m_step(counts, sum_x, sum_xx, floor):
@@ -75,7 +75,7 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
         means = torch.cat([means, x[cand[best]].unsqueeze(0)])
         dist = d_cand[best].clamp(min=0)
     for _ in range(10):  # k-means (Lloyd) steps; an emptied cluster keeps its mean
-        nearest = (sq.unsqueeze(1) - 2 * x @ means.T + means.pow(2).sum(1)).argmin(1)
+        nearest = torch.addmm(means.pow(2).sum(1), x, means.T, alpha=-2).argmin(1)  # |x|^2 dropped (the same for every mean): one [N, M]
         counts = torch.bincount(nearest, minlength=m).double()
         sums = torch.zeros_like(means).index_add_(0, nearest, x)
         means = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), means)
