@@ -12,7 +12,8 @@ sys.path.insert(0, ROOT)
 # CPU only, also in the scripts the tests start (they inherit it): the exact-resume tests hold on a CPU.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest.ini's worker processes, which share the cores:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # OpenMP threads spin-waiting for a busy core slow both workers
+    # OpenMP threads spin-waiting for a busy core would slow both workers; the scripts the tests start inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A tiny conv VAE on 512 images: each epoch is a fraction of a second on a 2-core CPU.
 TINY = ["--channels", "4", "8", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "512",
