@@ -75,7 +75,8 @@ def fit(x: torch.Tensor, components: int, iterations: int = ITERATIONS, seed: in
         means = torch.cat([means, x[cand[best]].unsqueeze(0)])
         dist = d_cand[best].clamp(min=0)
     for _ in range(10):  # k-means (Lloyd) steps; an emptied cluster keeps its mean
-        nearest = torch.addmm(means.pow(2).sum(1), x, means.T, alpha=-2).argmin(1)  # |x|^2 dropped (the same for every mean): one [N, M]
+        # |x - mu|^2 without |x|^2, the same for every mean: one [N, M] tensor, no temporaries of that size
+        nearest = torch.addmm(means.pow(2).sum(1), x, means.T, alpha=-2).argmin(1)
         counts = torch.bincount(nearest, minlength=m).double()
         sums = torch.zeros_like(means).index_add_(0, nearest, x)
         means = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), means)
