@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checks import check_config, check_group, check_input, check_latent, load_model
+from lib.checks import check_config, check_group, check_input, check_latent, is_int, load_model
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU}
@@ -40,24 +40,28 @@ class VAEConfig:
     latent_dim: int = 32
     arch: str = "conv"  # "conv" or "mlp" (the pytorch/examples shape)
     hidden_dim: int = 256  # width of the fully connected layer(s), and of the flow prior's coupling nets
-    channels: tuple[int, int] = (32, 64)  # conv widths at 1/2 and 1/4 resolution
-    res_blocks: int | None = None  # residual blocks per conv resolution; None: 1 (conv), 0 (mlp)
+    channels: tuple[int, int] = (16, 64)  # conv widths at 1/2 and 1/4 resolution
+    # residual blocks at each conv resolution, (encoder, decoder); an int: both; None: (0, 1) conv, (0, 0) mlp.
+    # Samples are the decoder's: its blocks sharpen them, an encoder's cost as much and add little.
+    res_blocks: tuple[int, int] | int | None = None
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
     activation: str = "silu"  # "silu", "relu" or "elu"
     flow_prior: int = 0  # > 0: p(z) is N(0, I) through this many affine coupling layers trained with the model
 
     def __post_init__(self) -> None:
         if self.res_blocks is None:
-            self.res_blocks = 1 if self.arch == "conv" else 0
+            self.res_blocks = (0, 1) if self.arch == "conv" else (0, 0)
+        if is_int(self.res_blocks):
+            self.res_blocks = (self.res_blocks, self.res_blocks)
         check_config(self, {"arch": ARCHS, "activation": tuple(ACTIVATIONS)})  # ValueError
-        self.channels = tuple(self.channels)
+        self.channels, self.res_blocks = tuple(self.channels), tuple(self.res_blocks)
 
     @property
     def num_pixels(self) -> int:
         return self.image_channels * self.image_size * self.image_size
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "channels": list(self.channels)}  # plain types: weights_only loads it
+        return {**asdict(self), "channels": list(self.channels), "res_blocks": list(self.res_blocks)}  # plain types
 
 
 class LossParts(NamedTuple):
@@ -244,13 +248,13 @@ class VAE(nn.Module):
             self.feat_shape = (c2, s, s)
             feat = c2 * s * s
 
-            def blocks(ch):  # c.res_blocks residual blocks at one resolution
-                return [ResBlock(ch, act) for _ in range(c.res_blocks)]
+            def blocks(ch, side):  # side 0: encoder, 1: decoder; its c.res_blocks[side] residual blocks
+                return [ResBlock(ch, act) for _ in range(c.res_blocks[side])]
 
             # Stride-2 4x4 convolutions halve the resolution exactly: 28 -> 14 -> 7.
             self.enc_body = nn.Sequential(
-                nn.Conv2d(c.image_channels, c1, 4, stride=2, padding=1), act(), *blocks(c1),
-                nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(), *blocks(c2),
+                nn.Conv2d(c.image_channels, c1, 4, stride=2, padding=1), act(), *blocks(c1, 0),
+                nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(), *blocks(c2, 0),
                 nn.Flatten(),
             )  # [B, C, H, W] -> [B, feat]
             self.enc_head = nn.Sequential(nn.Linear(feat + classes, c.hidden_dim), act())
@@ -259,8 +263,8 @@ class VAE(nn.Module):
                 nn.Linear(c.hidden_dim, feat), act(),
             )  # [B, latent] -> [B, feat]
             self.dec_body = nn.Sequential(
-                *blocks(c2),
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), *blocks(c1),
+                *blocks(c2, 1),
+                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), *blocks(c1, 1),
                 nn.ConvTranspose2d(c1, c.image_channels, 4, stride=2, padding=1),
             )  # [B, c2, s, s] -> [B, C, H, W] logits; the last layer's bias is the one --output-bias sets
         else:

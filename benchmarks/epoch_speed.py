@@ -42,7 +42,7 @@ from model import VAE, VAEConfig  # noqa: E402
 
 MODELS = {
     "mlp": VAEConfig(arch="mlp", hidden_dim=400, latent_dim=20, activation="relu"),
-    "default": VAEConfig(),
+    "default": VAEConfig(flow_prior=cli.FLOW_PRIOR),  # train.py's default model
 }
 
 

@@ -27,6 +27,7 @@ MAX_EPOCHS = 1_000_000
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 ZERO_ALLOWED = ("num_classes", "res_blocks", "flow_prior")  # int config fields whose 0 means none (others: >= 1)
+PAIRS = {"channels": "at 1/2, 1/4 resolution", "res_blocks": "encoder, decoder"}  # config fields of two ints
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 # The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
@@ -63,15 +64,15 @@ def check_config(config, choices: dict) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed or not isinstance(getattr(config, name), str):
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    for name in [n for n in MAX_SIZE if n != "channels"]:
+    for name in MAX_SIZE:
         v, low = getattr(config, name), 0 if name in ZERO_ALLOWED else 1
-        if not is_int(v) or not low <= v <= MAX_SIZE[name]:
+        if name in PAIRS:
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(c) and low <= c <= MAX_SIZE[name]
+                                                                         for c in v)):
+                raise UserError(f"{name} must be two ints in [{low}, {MAX_SIZE[name]}] ({PAIRS[name]}), got {v!r}")
+        elif not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
-    ch = config.channels
-    if not (isinstance(ch, (list, tuple)) and len(ch) == 2
-            and all(is_int(c) and 1 <= c <= MAX_SIZE["channels"] for c in ch)):
-        raise UserError(f"channels must be two ints in [1, {MAX_SIZE['channels']}], got {ch!r}")
-    if config.arch == "mlp" and config.res_blocks:
+    if config.arch == "mlp" and any(config.res_blocks):
         raise UserError(f"res_blocks needs the conv arch, got {config.res_blocks} with arch 'mlp'")
     if config.arch == "conv" and config.image_size % 4:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")

@@ -22,6 +22,7 @@ from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
 EPOCHS = 17
+FLOW_PRIOR = 8  # the default p(z): a flow learns what N(0, I) would force (docs/results.md, "Time to quality")
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
 
@@ -69,16 +70,17 @@ TRAIN_FLAGS = (
                                help="width of the fully connected hidden layers (and of --flow-prior's nets)")),
     ("--channels", RUN, dict(type=Number(int, 1, MAX_SIZE["channels"]), nargs=2, default=list(D.channels),
                              metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")),
-    ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), default=None,
-                               help="residual blocks at each conv resolution, encoder and decoder "
-                                    "(default: 1 with the conv arch, 0 with mlp)")),
+    ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), nargs="+", default=None,
+                               metavar="N", help="residual blocks at each conv resolution: two numbers, the "
+                                                 "encoder's and the decoder's, or one for both (default: 0 1 with "
+                                                 "the conv arch, 0 with mlp)")),
     ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
     ("--output-bias", RUN, dict(choices=("mean", "torch"), default="mean",
                                 help="the decoder's output bias at the start: mean, the log-odds of the training "
                                      "images' mean pixel; torch, PyTorch's init")),
-    ("--flow-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["flow_prior"]), default=0,
+    ("--flow-prior", RUN, dict(type=Number(int, 0, MAX_SIZE["flow_prior"]), default=FLOW_PRIOR,
                                help="p(z): N(0, I) through this many affine coupling layers (RealNVP) trained "
-                                    "with the model (its KL then sampled); 0: N(0, I)")),
+                                    f"with the model (its KL then sampled); 0: N(0, I) (default: {FLOW_PRIOR})")),
     ("--conditional", RUN, dict(action="store_true", help="conditional VAE: the digit label enters encoder and decoder")),
     ("--binarize", RUN, dict(action="store_true",
                              help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
@@ -98,8 +100,7 @@ TRAIN_FLAGS = (
                                             "to the training images' posterior means (of one binarized draw "
                                             "with --binarize; per digit with --conditional), which samples then "
                                             "come from; 0: none (default: "
-                                            f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit; 0 with "
-                                            "--flow-prior)")),
+                                            f"{DEFAULT_COMPONENTS}, {DEFAULT_COMPONENTS_PER_CLASS} per digit)")),
     ("--limit", RUN, dict(type=POSITIVE_INT, default=None,
                           help="use only the first N training and N test images (default: all)")),
     ("--eval-batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=256, help="images per test-loss step")),
@@ -166,7 +167,8 @@ def check_flags(args) -> VAEConfig:
         raise UserError("--channels sets the conv arch's widths, but --arch is mlp (its width: --hidden-dim)")
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
-                         channels=tuple(args.channels), activation=args.activation, res_blocks=args.res_blocks,
+                         channels=tuple(args.channels), activation=args.activation,
+                         res_blocks=rb[0] if isinstance(rb := args.res_blocks, list) and len(rb) == 1 else rb,
                          num_classes=NUM_CLASSES if args.conditional else 0, flow_prior=args.flow_prior)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
@@ -176,7 +178,7 @@ def check_flags(args) -> VAEConfig:
 def flags_of(config: VAEConfig) -> dict:
     """The train.py flags (by RUN_FLAGS name) that describe a model config: check_flags' inverse."""
     return {**{name: getattr(config, name) for name in MODEL_FLAGS}, "channels": list(config.channels),
-            "conditional": config.num_classes > 0}
+            "res_blocks": list(config.res_blocks), "conditional": config.num_classes > 0}
 
 
 def check_stored_flags(stored: dict, path, config: VAEConfig, defaulted=()) -> None:
@@ -197,7 +199,10 @@ def check_stored_flags(stored: dict, path, config: VAEConfig, defaulted=()) -> N
             elif "choices" in keywords:
                 ok = isinstance(v, str) and v in keywords["choices"]
             elif "nargs" in keywords:
-                ok = isinstance(v, list) and len(v) == keywords["nargs"] and all(keywords["type"].check(c) for c in v)
+                n = keywords["nargs"]  # "+": one value or two; a stored int is one value
+                v = [v] if n == "+" and is_int(v) else v
+                ok = (isinstance(v, list) and (len(v) == n or n == "+" and 1 <= len(v) <= 2)
+                      and all(keywords["type"].check(c) is not None for c in v))  # raises if out of range
             else:
                 ok = keywords["type"].check(v) is not None
         except argparse.ArgumentTypeError:

@@ -90,7 +90,7 @@ def setup(args):
     else:
         config = cli.check_flags(args)
         args.epochs = args.epochs or cli.EPOCHS
-    args.res_blocks = config.res_blocks  # the number the model has (the flag's default is None)
+    args.res_blocks = list(config.res_blocks)  # the numbers the model has (the flag's default is None)
     files.check_output_path(files.metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
@@ -160,10 +160,8 @@ def restore_flags(args, stored: dict) -> None:
 
 
 def mixture_components(args, num_classes: int) -> int:
-    """--mixture-components, or its default: none for a learned prior (samples come from it)."""
-    if args.mixture_components is not None:
-        return args.mixture_components
-    return 0 if args.flow_prior else default_components(num_classes)
+    """--mixture-components, or its default."""
+    return default_components(num_classes) if args.mixture_components is None else args.mixture_components
 
 
 def learning_rate(args, progress: float) -> float:

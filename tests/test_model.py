@@ -6,7 +6,7 @@ import torch
 
 from conftest import SMALL, SMALL3
 from lib.data import TensorDataset
-from model import LOG_2PI, VAE, GaussianMixture, StandardNormal, VAEConfig, reparameterize
+from model import LOG_2PI, VAE, GaussianMixture, ResBlock, StandardNormal, VAEConfig, reparameterize
 
 
 @pytest.mark.parametrize("cfg", [VAEConfig(**SMALL), VAEConfig(arch="mlp", hidden_dim=40, latent_dim=3),
@@ -71,7 +71,8 @@ def test_config_round_trip_and_validation():
     c = VAEConfig(**SMALL, num_classes=10, activation="silu")
     assert VAEConfig(**c.to_dict()) == c
     for bad in (dict(latent_dim=0), dict(arch="rnn"), dict(image_size=30), dict(activation="tanh"),
-                dict(res_blocks=-1), dict(res_blocks=1.0), dict(arch="mlp", res_blocks=1), dict(flow_prior=-1),
+                dict(res_blocks=-1), dict(res_blocks=1.0), dict(res_blocks=(1, 2, 3)), dict(res_blocks=(1, -1)),
+                dict(arch="mlp", res_blocks=1), dict(arch="mlp", res_blocks=(0, 1)), dict(flow_prior=-1),
                 dict(latent_dim=1, flow_prior=2)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
@@ -92,16 +93,22 @@ def test_default_noise_is_one_randn_draw_of_k_samples(bf16):
     assert torch.equal(own.total, given.total)
 
 
-def test_res_blocks_add_two_convolutions_per_resolution_and_side():
-    """The conv default is one block, mlp has none. Each block adds two 3x3 convolutions at each
-    resolution, in encoder and decoder."""
-    assert VAEConfig(**SMALL).res_blocks == 1 and VAEConfig(arch="mlp").res_blocks == 0
-    plain, deep = VAE(VAEConfig(**SMALL, res_blocks=0)), VAE(VAEConfig(**SMALL, res_blocks=2))
+def test_res_blocks_add_two_convolutions_per_resolution_on_their_side():
+    """The conv default is blocks in the decoder only, mlp has none; one number is both sides. Each block adds two
+    3x3 convolutions at each resolution of its side."""
+    assert VAEConfig(**SMALL).res_blocks == (0, 1) and VAEConfig(arch="mlp").res_blocks == (0, 0)
+    assert VAEConfig(**SMALL, res_blocks=2).res_blocks == (2, 2)
+    assert VAEConfig(**SMALL, res_blocks=[1, 0]).res_blocks == (1, 0)
     c1, c2 = SMALL["channels"]
-    per_block = {c: 2 * (c * c * 9 + c) for c in (c1, c2)}  # two 3x3 convs with biases
-    extra = sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters())
-    assert extra == 2 * 2 * (per_block[c1] + per_block[c2])  # 2 blocks, encoder + decoder
-    assert deep.loss(torch.rand(3, 1, 28, 28)).total.isfinite()
+    per_block = 2 * (c1 * c1 * 9 + c1) + 2 * (c2 * c2 * 9 + c2)  # two 3x3 convs with biases at each resolution
+    size = {blocks: sum(p.numel() for p in VAE(VAEConfig(**SMALL, res_blocks=blocks)).parameters())
+            for blocks in ((0, 0), (2, 0), (0, 1), (2, 2))}
+    assert size[(2, 0)] - size[(0, 0)] == 2 * per_block and size[(0, 1)] - size[(0, 0)] == per_block
+    assert size[(2, 2)] - size[(0, 0)] == 4 * per_block
+    enc_only = VAE(VAEConfig(**SMALL, res_blocks=(1, 0)))
+    assert sum(isinstance(m, ResBlock) for m in enc_only.enc_body) == 2 and not any(
+        isinstance(m, ResBlock) for m in enc_only.dec_body)
+    assert enc_only.loss(torch.rand(3, 1, 28, 28)).total.isfinite()
 
 
 def hand_made_mixture(groups, d, offset=10.0):

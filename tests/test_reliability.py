@@ -634,8 +634,8 @@ def test_unavailable_device_is_named_not_called_corrupt(mixture_run, tmp_path):
 
 def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(mixture_run, tmp_path, capsys):
     c = load_checkpoint(mixture_run)
-    assert c["model_config"]["flow_prior"] == VAEConfig.flow_prior
-    del c["model_config"]["flow_prior"]  # as a checkpoint written before the field existed
+    assert c["model_config"]["num_classes"] == VAEConfig.num_classes
+    del c["model_config"]["num_classes"]  # as a checkpoint written before the field existed
     torch.save(c, tmp_path / "old.pt")
     assert VAE.from_checkpoint(tmp_path / "old.pt").config == VAE.from_checkpoint(mixture_run).config
     c["args"]["latent_dim"] += 1  # stored flags that describe another model: the field is named
@@ -651,6 +651,20 @@ def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(mixtu
     line = cli_error(evaluate.main, ["--checkpoint", tmp_path / "relu.pt"], capsys)  # the scripts: refused, named
     assert line.endswith("they give activation 'relu', the stored model has 'silu' (the default: its model config "
                          "lacks the field)")
+
+
+def test_one_number_of_residual_blocks_stored_as_an_int_means_both_sides(tmp_path):
+    """A checkpoint whose config and flags give res_blocks as one int (encoder and decoder alike) loads and resumes."""
+    ckpt = tmp_path / "vae.pt"
+    assert train.main([*TINY, "--epochs", "1", "--res-blocks", "1", "--mixture-components", "0",
+                       "--checkpoint", str(ckpt)]) == 0
+    c = load_checkpoint(ckpt)
+    assert c["model_config"]["res_blocks"] == c["args"]["res_blocks"] == [1, 1]
+    c["model_config"]["res_blocks"] = c["args"]["res_blocks"] = 1
+    torch.save(c, ckpt)
+    assert VAE.from_checkpoint(ckpt).config.res_blocks == (1, 1)
+    assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", "2"]) == 0
+    assert load_checkpoint(ckpt)["epoch"] == 2
 
 
 def test_device_choice_takes_the_first_available_and_names_what_is_missing(monkeypatch):

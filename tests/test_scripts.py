@@ -116,9 +116,11 @@ def test_generate_without_checkpoint_says_train_first(tmp_path, capsys):
 
 
 def test_conv_only_flags_need_the_conv_arch(tmp_path, capsys):
-    for flag in (["--res-blocks", 1], ["--channels", 8, 8]):
+    for flag in (["--res-blocks", 1], ["--res-blocks", 0, 1], ["--channels", 8, 8]):
         line = cli_error(train.main, ["--arch", "mlp", *flag, "--checkpoint", tmp_path / "m.pt"], capsys)
         assert flag[0] in line and not (tmp_path / "m.pt").exists()
+    line = cli_error(train.main, ["--res-blocks", 1, 2, 3, "--checkpoint", tmp_path / "m.pt"], capsys)
+    assert "--res-blocks must be two ints" in line and not (tmp_path / "m.pt").exists()
 
 
 def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
@@ -431,11 +433,12 @@ def test_benchmark_runs_and_reports_every_pipeline():
 
 
 def test_a_learned_prior_is_what_samples_and_the_likelihood_use(tmp_path, capsys):
-    """--flow-prior: no mixture is fitted after training (samples come from the learned prior),
-    evaluate.py scores the model under its own prior and says so, generate.py writes both grids."""
+    """--flow-prior: the KL is sampled (and labelled so), the latent mixture is fitted as with N(0, I), evaluate.py
+    scores the model under its own prior and says so, generate.py writes both grids."""
     ckpt = tmp_path / "flow.pt"
     assert train.main([*TINY, "--epochs", "1", "--flow-prior", "2", "--checkpoint", str(ckpt)]) == 0
-    assert "KL" in capsys.readouterr().out and load_checkpoint(ckpt)["latent_mixture"] is None
+    assert "KL" in (out := capsys.readouterr().out) and ", sampled)" in out
+    assert load_checkpoint(ckpt)["latent_mixture"] is not None
     assert evaluate.main(["--checkpoint", str(ckpt), "--k", "5", "--limit", "20"]) == 0
     assert "prior a learned flow (L = 2 coupling layers)" in capsys.readouterr().out
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img")]) == 0
