@@ -51,9 +51,9 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.res_blocks is None:
             self.res_blocks = (0, 1) if self.arch == "conv" else (0, 0)
-        if is_int(self.res_blocks):
-            self.res_blocks = (self.res_blocks, self.res_blocks)
         check_config(self, {"arch": ARCHS, "activation": tuple(ACTIVATIONS)})  # ValueError
+        if is_int(self.res_blocks):  # one int: both sides
+            self.res_blocks = (self.res_blocks, self.res_blocks)
         self.channels, self.res_blocks = tuple(self.channels), tuple(self.res_blocks)
 
     @property

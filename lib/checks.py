@@ -28,6 +28,7 @@ MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidde
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 ZERO_ALLOWED = ("num_classes", "res_blocks", "flow_prior")  # int config fields whose 0 means none (others: >= 1)
 PAIRS = {"channels": "at 1/2, 1/4 resolution", "res_blocks": "encoder, decoder"}  # config fields of two ints
+ONE_FOR_BOTH = ("res_blocks",)  # PAIRS fields where one int stands for both
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 # The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
@@ -67,12 +68,14 @@ def check_config(config, choices: dict) -> None:
     for name in MAX_SIZE:
         v, low = getattr(config, name), 0 if name in ZERO_ALLOWED else 1
         if name in PAIRS:
-            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(c) and low <= c <= MAX_SIZE[name]
-                                                                         for c in v)):
-                raise UserError(f"{name} must be two ints in [{low}, {MAX_SIZE[name]}] ({PAIRS[name]}), got {v!r}")
+            pair = (v, v) if name in ONE_FOR_BOTH and is_int(v) else v
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(is_int(c) and low <= c <= MAX_SIZE[name] for c in pair)):
+                raise UserError(f"{name} must be {'one int or ' if name in ONE_FOR_BOTH else ''}two ints in "
+                                f"[{low}, {MAX_SIZE[name]}] ({PAIRS[name]}), got {v!r}")
         elif not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
-    if config.arch == "mlp" and any(config.res_blocks):
+    if config.arch == "mlp" and any((config.res_blocks,) if is_int(config.res_blocks) else config.res_blocks):
         raise UserError(f"res_blocks needs the conv arch, got {config.res_blocks} with arch 'mlp'")
     if config.arch == "conv" and config.image_size % 4:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")

@@ -69,7 +69,8 @@ TRAIN_FLAGS = (
     ("--hidden-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["hidden_dim"]), default=D.hidden_dim,
                                help="width of the fully connected hidden layers (and of --flow-prior's nets)")),
     ("--channels", RUN, dict(type=Number(int, 1, MAX_SIZE["channels"]), nargs=2, default=list(D.channels),
-                             metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch)")),
+                             metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch) (default: "
+                                                                  f"{D.channels[0]} {D.channels[1]})")),
     ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), nargs="+", default=None,
                                metavar="N", help="residual blocks at each conv resolution: two numbers, the "
                                                  "encoder's and the decoder's, or one for both (default: 0 1 with "

@@ -76,6 +76,10 @@ def test_config_round_trip_and_validation():
                 dict(latent_dim=1, flow_prior=2)):
         with pytest.raises(ValueError):
             VAEConfig(**bad)
+    for bad, shown in ((65, "65"), ((1, 2, 3), r"\(1, 2, 3\)")):  # the value as given, one int allowed
+        with pytest.raises(ValueError, match=r"res_blocks must be one int or two ints in \[0, 64\] "
+                                             r"\(encoder, decoder\), got " + shown + "$"):
+            VAEConfig(res_blocks=bad)
     with pytest.raises(TypeError, match="extra"):
         VAEConfig(**{**c.to_dict(), "extra": 1})
 
