@@ -7,7 +7,7 @@ three pipelines:
 - project: what train.py does. MNIST decoded once into a uint8 tensor on the device, batches
   drawn by indexing a random permutation and converted to float per batch; train.py's step
   (`project_step` below): bf16 autocast where it is faster (`--precision auto`), fused Adam, no host
-  sync per step.
+  sync per step; without the weight average train.py also keeps (--ema: one lerp_ per weight tensor).
 - conventional: what tutorials do (pytorch/examples' VAE). torchvision.datasets.MNIST with
   transforms.ToTensor() in a DataLoader (shuffle=True; as the tutorial's, one worker process and pinned memory
   on an accelerator, none on the CPU), batches copied to the

@@ -21,8 +21,8 @@ from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_CO
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
-EPOCHS = 17
-FLOW_PRIOR = 8  # the default p(z): a flow learns what N(0, I) would force (docs/results.md, "Time to quality")
+EPOCHS = 13  # docs/results.md, "Time to quality"
+FLOW_PRIOR = 4  # the default p(z): a flow learns what N(0, I) would force (docs/results.md, "Time to quality")
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
 
@@ -58,7 +58,7 @@ TRAIN_FLAGS = (
     ("--epochs", GIVEN, dict(type=Number(int, 1, MAX_EPOCHS), default=None,
                              help=f"total epochs to train (default: {EPOCHS}; with --resume, the stored run's)")),
     ("--batch-size", RUN, dict(type=Number(int, 1, MAX_BATCH), default=128, help="images per step")),
-    ("--lr", RUN, dict(type=POSITIVE_FLOAT, default=3e-3, help="Adam learning rate")),
+    ("--lr", RUN, dict(type=POSITIVE_FLOAT, default=5e-3, help="Adam learning rate")),
     ("--lr-decay", RUN, dict(type=Number(float, 0.0, 1.0, low_open=True), default=None,
                              help="multiply the learning rate by this every epoch, smoothly per step (default: "
                                   "none: a cosine decay from --lr to 0 at the last epoch)")),
@@ -69,7 +69,7 @@ TRAIN_FLAGS = (
     ("--hidden-dim", RUN, dict(type=Number(int, 1, MAX_SIZE["hidden_dim"]), default=D.hidden_dim,
                                help="width of the fully connected hidden layers (and of --flow-prior's nets)")),
     ("--channels", RUN, dict(type=Number(int, 1, MAX_SIZE["channels"]), nargs=2, default=list(D.channels),
-                             metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7 (conv arch) (default: "
+                             metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7, conv arch only (default: "
                                                                   f"{D.channels[0]} {D.channels[1]})")),
     ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), nargs="+", default=None,
                                metavar="N", help="residual blocks at each conv resolution: two numbers, the "
@@ -93,9 +93,9 @@ TRAIN_FLAGS = (
                               "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
     ("--iw-start", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
                              help="epochs trained on the ELBO before the --iw-k bound takes over (an IWAE phase)")),
-    ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.0,
-                        help="decay (0.999, say) of an exponential moving average of the weights (Polyak "
-                             "averaging) that evaluation, sampling and the saved model use; 0: off")),
+    ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.999,
+                        help="decay of an exponential moving average of the weights (Polyak averaging) that "
+                             "evaluation, sampling and the saved model use; 0: off")),
     ("--mixture-components", RUN, dict(type=Number(int, 0, MAX_COMPONENTS), default=None,
                                        help="when training ends, fit a Gaussian mixture with this many components "
                                             "to the training images' posterior means (of one binarized draw "

@@ -91,6 +91,8 @@ def setup(args):
         config = cli.check_flags(args)
         args.epochs = args.epochs or cli.EPOCHS
     args.res_blocks = list(config.res_blocks)  # the numbers the model has (the flag's default is None)
+    # the number of components the run fits, stored: a later change of the default leaves the run as it was
+    args.mixture_components = mixture_components(args, config.num_classes)
     files.check_output_path(files.metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)

@@ -73,11 +73,11 @@ def mnist_subset():
 
 @pytest.fixture(scope="session")
 def binarized_run(tmp_path_factory):
-    """A finished 1-epoch tiny run with --binarize (read it, don't change it)."""
+    """A finished 1-epoch tiny run with --binarize and no weight average (read it, don't change it)."""
     import train
 
     ckpt = tmp_path_factory.mktemp("bin") / "vae.pt"
-    assert train.main([*TINY, "--epochs", "1", "--binarize", "--checkpoint", str(ckpt)]) == 0
+    assert train.main([*TINY, "--epochs", "1", "--binarize", "--ema", "0", "--checkpoint", str(ckpt)]) == 0
     return ckpt
 
 

@@ -21,7 +21,7 @@ import evaluate
 import generate
 import train
 from conftest import MIXTURE_RUN, ROOT, TINY, cli_error, one_line_error, read_csv, run_script, same_metrics
-from lib import cli, data, files, training
+from lib import cli, data, files, mixture, training
 from lib.checks import FORMAT, ZERO_ALLOWED, load_checkpoint, with_checksums
 from lib.files import Lock, write_atomic
 from model import VAE, VAEConfig
@@ -170,7 +170,7 @@ def test_sigkill_anywhere_keeps_last_complete_checkpoint(reference, tmp_path):
 
 def test_signal_during_the_mixture_fit_keeps_the_model_and_resume_fits_it(tmp_path):
     """SIGTERM while the latent mixture is fitted after the last epoch: exit 143 and one line
-    saying what is missing; --resume then fits the mixture (it does not say "already done")."""
+    saying what is missing; --resume then fits the mixture the run stored (it does not say "already done")."""
     ckpt = tmp_path / "run.pt"
     proc = start([*TINY, "--epochs", "1", "--checkpoint", ckpt],
                  SIGNAL_AT.format(root=ROOT, name="fit_to_model", n=1, sig=int(signal.SIGTERM)))
@@ -180,8 +180,9 @@ def test_signal_during_the_mixture_fit_keeps_the_model_and_resume_fits_it(tmp_pa
     assert "latent mixture" in lines[0] and "--resume" in lines[0], lines[0]
     c = load_checkpoint(ckpt)
     assert c["epoch"] == 1 and c["latent_mixture"] is None
-    assert train.main(["--epochs", "1", "--checkpoint", str(ckpt), "--resume"]) == 0
-    assert load_checkpoint(ckpt)["latent_mixture"]["weights"].shape == (1, 50)
+    assert c["args"]["mixture_components"] == mixture.DEFAULT_COMPONENTS  # the default as a number: a later one
+    assert train.main(["--epochs", "1", "--checkpoint", str(ckpt), "--resume"]) == 0  # cannot change the run
+    assert load_checkpoint(ckpt)["latent_mixture"]["weights"].shape == (1, mixture.DEFAULT_COMPONENTS)
 
 
 def test_signal_while_loading_the_data_writes_nothing(tmp_path):
