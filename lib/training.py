@@ -136,7 +136,8 @@ def setup(args):
                                                else f"epoch {run.epoch}"))
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
               f"{cli.count(len(train_set), 'image')}, {cli.count(args.epochs, 'epoch')} of {cli.count(steps, 'step')}"
-              + (", dynamically binarized" if args.binarize else ""))
+              + (", dynamically binarized" if args.binarize else "")
+              + (f"; test losses of the weights' moving average (--ema {args.ema})" if args.ema else ""))
         if args.iw_k > 1 and args.iw_start >= args.epochs:
             print(f"note: --iw-start {args.iw_start} is not before --epochs {args.epochs}: the run ends before the "
                   "importance-weighted bound takes over")

@@ -217,7 +217,7 @@ def test_mixture_groups_of_one_image_fit(tmp_path, flags, capsys):
     ckpt = tmp_path / "run.pt"
     assert train.main([*TINY[:-6], *flags, "--epochs", "1", "--checkpoint", str(ckpt)]) == 0
     out = capsys.readouterr().out  # counts in the singular where they are 1
-    assert ", 1 epoch of " in out and (flags[1] != "1" or " on 1 image, 1 epoch of 1 step\n" in out), out
+    assert ", 1 epoch of " in out and (flags[1] != "1" or " on 1 image, 1 epoch of 1 step;" in out), out
     assert load_checkpoint(ckpt)["latent_mixture"] is not None
     assert fit_mixture.main(["--checkpoint", str(ckpt)]) == 0
     assert generate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "img"), "--n", "2"]) == 0

@@ -138,6 +138,14 @@ def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):
     assert "no such checkpoint" in line and "python train.py" in line
 
 
+def test_train_says_when_its_test_losses_are_the_averaged_weights(tmp_path, capsys):
+    run = [*TINY, "--epochs", "1", "--mixture-components", "0"]
+    assert train.main([*run, "--checkpoint", str(tmp_path / "a.pt")]) == 0  # the average is on by default
+    assert "; test losses of the weights' moving average (--ema 0.999)" in capsys.readouterr().out
+    assert train.main([*run, "--ema", "0", "--checkpoint", str(tmp_path / "b.pt")]) == 0
+    assert "moving average" not in capsys.readouterr().out
+
+
 def test_evaluate_says_when_it_scores_the_averaged_weights(mixture_run, capsys):
     assert evaluate.main(["--checkpoint", str(mixture_run), "--k", "2", "--limit", "5"]) == 0
     assert "(epoch 1, the weights' moving average (--ema))" in capsys.readouterr().out
