@@ -157,6 +157,12 @@ def test_every_name_the_extension_guide_gives_is_in_the_code():
     assert not undefined, f"docs/extending.md names what the code no longer defines: {undefined}"
 
 
+def test_readme_default_row_is_the_default_run():
+    """The results row of `python train.py` names the epochs and the prior train.py runs by default."""
+    row = next(line for line in README.splitlines() if line.startswith("| default ") and "`python train.py` |" in line)
+    assert f", {cli.EPOCHS} epochs |" in row and ("flow prior" in row) == (cli.FLOW_PRIOR > 0), row
+
+
 def test_readme_is_short():
     assert len(README.encode()) <= 8_000, "the README is a reference page; details go to docs/"
 
