@@ -297,7 +297,7 @@ def save_model(model: VAE, path, binarize: bool = False, overwrite: bool = False
 
 def fit_latent_mixture(run: Run) -> None:
     """Fit the latent mixture (lib/mixture.py) that samples come from, and save it in the checkpoint."""
-    m = mixture_components(run.args, run.model.config.num_classes)
+    m = run.args.mixture_components  # resolved by setup
     if m == 0:
         return
     t0 = time.perf_counter()
