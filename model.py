@@ -41,20 +41,22 @@ class VAEConfig:
     arch: str = "conv"  # "conv" or "mlp" (the pytorch/examples shape)
     hidden_dim: int = 256  # width of the fully connected layer(s), and of the flow prior's coupling nets
     channels: tuple[int, int] = (16, 64)  # conv widths at 1/2 and 1/4 resolution
-    # residual blocks at each conv resolution, (encoder, decoder); an int: both; None: (0, 1) conv, (0, 0) mlp.
-    # Samples are the decoder's: its blocks sharpen them, an encoder's cost as much and add little.
-    res_blocks: tuple[int, int] | int | None = None
+    # residual blocks in the order the data meets them: (encoder at 1/2, encoder at 1/4, decoder at 1/4, decoder at
+    # 1/2 resolution); two ints: (encoder, decoder) at both; one int: all four; None: (0, 0, 0, 1) conv, 0 mlp.
+    # Samples are the decoder's: its blocks sharpen them, an encoder's cost as much and add little; at 1/4
+    # resolution (c2 channels) a block costs more time than it returns in quality (docs/results.md).
+    res_blocks: tuple[int, int, int, int] | tuple[int, int] | int | None = None
     num_classes: int = 0  # > 0: conditional VAE, the label enters encoder and decoder
     activation: str = "silu"  # "silu", "relu" or "elu"
     flow_prior: int = 0  # > 0: p(z) is N(0, I) through this many affine coupling layers trained with the model
 
     def __post_init__(self) -> None:
         if self.res_blocks is None:
-            self.res_blocks = (0, 1) if self.arch == "conv" else (0, 0)
+            self.res_blocks = (0, 0, 0, 1) if self.arch == "conv" else 0
         check_config(self, {"arch": ARCHS, "activation": tuple(ACTIVATIONS)})  # ValueError
-        if is_int(self.res_blocks):  # one int: both sides
-            self.res_blocks = (self.res_blocks, self.res_blocks)
-        self.channels, self.res_blocks = tuple(self.channels), tuple(self.res_blocks)
+        rb = (self.res_blocks,) if is_int(self.res_blocks) else tuple(self.res_blocks)
+        self.res_blocks = rb * 4 if len(rb) == 1 else (rb[0], rb[0], rb[1], rb[1]) if len(rb) == 2 else rb
+        self.channels = tuple(self.channels)
 
     @property
     def num_pixels(self) -> int:
@@ -248,13 +250,15 @@ class VAE(nn.Module):
             self.feat_shape = (c2, s, s)
             feat = c2 * s * s
 
-            def blocks(ch, side):  # side 0: encoder, 1: decoder; its c.res_blocks[side] residual blocks
-                return [ResBlock(ch, act) for _ in range(c.res_blocks[side])]
+            enc1, enc2, dec2, dec1 = c.res_blocks  # residual blocks at 1/2 (c1 channels) and 1/4 (c2) resolution
+
+            def blocks(ch, n):
+                return [ResBlock(ch, act) for _ in range(n)]
 
             # Stride-2 4x4 convolutions halve the resolution exactly: 28 -> 14 -> 7.
             self.enc_body = nn.Sequential(
-                nn.Conv2d(c.image_channels, c1, 4, stride=2, padding=1), act(), *blocks(c1, 0),
-                nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(), *blocks(c2, 0),
+                nn.Conv2d(c.image_channels, c1, 4, stride=2, padding=1), act(), *blocks(c1, enc1),
+                nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(), *blocks(c2, enc2),
                 nn.Flatten(),
             )  # [B, C, H, W] -> [B, feat]
             self.enc_head = nn.Sequential(nn.Linear(feat + classes, c.hidden_dim), act())
@@ -263,8 +267,8 @@ class VAE(nn.Module):
                 nn.Linear(c.hidden_dim, feat), act(),
             )  # [B, latent] -> [B, feat]
             self.dec_body = nn.Sequential(
-                *blocks(c2, 1),
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), *blocks(c1, 1),
+                *blocks(c2, dec2),
+                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), *blocks(c1, dec1),
                 nn.ConvTranspose2d(c1, c.image_channels, 4, stride=2, padding=1),
             )  # [B, c2, s, s] -> [B, C, H, W] logits; the last layer's bias is the one --output-bias sets
         else:

@@ -27,8 +27,9 @@ MAX_EPOCHS = 1_000_000
 MAX_SIZE = {"image_channels": 64, "image_size": 1024, "latent_dim": 4096, "hidden_dim": 65536,
             "num_classes": 1000, "channels": 4096, "res_blocks": 64, "flow_prior": 64}
 ZERO_ALLOWED = ("num_classes", "res_blocks", "flow_prior")  # int config fields whose 0 means none (others: >= 1)
-PAIRS = {"channels": "at 1/2, 1/4 resolution", "res_blocks": "encoder, decoder"}  # config fields of two ints
-ONE_FOR_BOTH = ("res_blocks",)  # PAIRS fields where one int stands for both
+# config fields of several ints: how many they take (an int is one), and what the ints are
+INT_LISTS = {"channels": ((2,), "at 1/2, 1/4 resolution"),
+             "res_blocks": ((1, 2, 4), "all; encoder, decoder; or encoder at 1/2, 1/4, decoder at 1/4, 1/2")}
 SEALED = ("model", "ema", "optimizer", "rng", "latent_mixture")  # the parts whose SHA-256 a checkpoint stores
 # The metrics CSV's first columns, in every row; a key train.py adds to its rows becomes a column after them.
 METRIC_FIELDS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl",
@@ -67,12 +68,14 @@ def check_config(config, choices: dict) -> None:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in MAX_SIZE:
         v, low = getattr(config, name), 0 if name in ZERO_ALLOWED else 1
-        if name in PAIRS:
-            pair = (v, v) if name in ONE_FOR_BOTH and is_int(v) else v
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(is_int(c) and low <= c <= MAX_SIZE[name] for c in pair)):
-                raise UserError(f"{name} must be {'one int or ' if name in ONE_FOR_BOTH else ''}two ints in "
-                                f"[{low}, {MAX_SIZE[name]}] ({PAIRS[name]}), got {v!r}")
+        if name in INT_LISTS:
+            counts, meaning = INT_LISTS[name]
+            ints = (v,) if 1 in counts and is_int(v) else v
+            if not (isinstance(ints, (list, tuple)) and len(ints) in counts
+                    and all(is_int(c) and low <= c <= MAX_SIZE[name] for c in ints)):
+                how_many = " or ".join(filter(None, (", ".join(map(str, counts[:-1])), str(counts[-1]))))
+                raise UserError(f"{name} must be {how_many} ints in [{low}, {MAX_SIZE[name]}] "
+                                f"({meaning}), got {v!r}")
         elif not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
     if config.arch == "mlp" and any((config.res_blocks,) if is_int(config.res_blocks) else config.res_blocks):

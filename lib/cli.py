@@ -21,7 +21,7 @@ from lib.mixture import DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_CO
 from model import ACTIVATIONS, ARCHS, VAE, GaussianMixture, VAEConfig
 
 MAX_BATCH = 1 << 20  # images in one step: far above any useful batch, below an allocation error
-EPOCHS = 13  # docs/results.md, "Time to quality"
+EPOCHS = 16  # docs/results.md, "Time to quality"
 FLOW_PRIOR = 4  # the default p(z): a flow learns what N(0, I) would force (docs/results.md, "Time to quality")
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "vae.pt")
 
@@ -72,9 +72,10 @@ TRAIN_FLAGS = (
                              metavar=("C1", "C2"), help="conv channels at 14x14 and 7x7, conv arch only (default: "
                                                                   f"{D.channels[0]} {D.channels[1]})")),
     ("--res-blocks", RUN, dict(type=Number(int, 0, MAX_SIZE["res_blocks"]), nargs="+", default=None,
-                               metavar="N", help="residual blocks at each conv resolution: two numbers, the "
-                                                 "encoder's and the decoder's, or one for both (default: 0 1 with "
-                                                 "the conv arch, 0 with mlp)")),
+                               metavar="N", help="residual blocks, conv arch only: four numbers, the encoder's "
+                                                 "at 14x14 and 7x7 and the decoder's at 7x7 and 14x14; two, the "
+                                                 "encoder's and the decoder's at both; or one for all (default: "
+                                                 "0 0 0 1 with the conv arch, 0 with mlp)")),
     ("--activation", RUN, dict(choices=tuple(ACTIVATIONS), default=D.activation, help="nonlinearity between layers")),
     ("--output-bias", RUN, dict(choices=("mean", "torch"), default="mean",
                                 help="the decoder's output bias at the start: mean, the log-odds of the training "
@@ -169,7 +170,7 @@ def check_flags(args) -> VAEConfig:
     try:
         return VAEConfig(latent_dim=args.latent_dim, arch=args.arch, hidden_dim=args.hidden_dim,
                          channels=tuple(args.channels), activation=args.activation,
-                         res_blocks=rb[0] if isinstance(rb := args.res_blocks, list) and len(rb) == 1 else rb,
+                         res_blocks=args.res_blocks,
                          num_classes=NUM_CLASSES if args.conditional else 0, flow_prior=args.flow_prior)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise UserError(re.sub(r"\b(" + "|".join(MODEL_FLAGS) + r")\b",
@@ -200,9 +201,9 @@ def check_stored_flags(stored: dict, path, config: VAEConfig, defaulted=()) -> N
             elif "choices" in keywords:
                 ok = isinstance(v, str) and v in keywords["choices"]
             elif "nargs" in keywords:
-                n = keywords["nargs"]  # "+": one value or two; a stored int is one value
+                n = keywords["nargs"]  # "+": how many, the model config checks; a stored int is one value
                 v = [v] if n == "+" and is_int(v) else v
-                ok = (isinstance(v, list) and (len(v) == n or n == "+" and 1 <= len(v) <= 2)
+                ok = (isinstance(v, list) and (len(v) == n or n == "+" and len(v) >= 1)
                       and all(keywords["type"].check(c) is not None for c in v))  # raises if out of range
             else:
                 ok = keywords["type"].check(v) is not None

@@ -77,8 +77,9 @@ def test_config_round_trip_and_validation():
         with pytest.raises(ValueError):
             VAEConfig(**bad)
     for bad, shown in ((65, "65"), ((1, 2, 3), r"\(1, 2, 3\)")):  # the value as given, one int allowed
-        with pytest.raises(ValueError, match=r"res_blocks must be one int or two ints in \[0, 64\] "
-                                             r"\(encoder, decoder\), got " + shown + "$"):
+        with pytest.raises(ValueError, match=r"res_blocks must be 1, 2 or 4 ints in \[0, 64\] \(all; encoder, "
+                                             r"decoder; or encoder at 1/2, 1/4, decoder at 1/4, 1/2\), got "
+                                             + shown + "$"):
             VAEConfig(res_blocks=bad)
     with pytest.raises(TypeError, match="extra"):
         VAEConfig(**{**c.to_dict(), "extra": 1})
@@ -97,22 +98,29 @@ def test_default_noise_is_one_randn_draw_of_k_samples(bf16):
     assert torch.equal(own.total, given.total)
 
 
-def test_res_blocks_add_two_convolutions_per_resolution_on_their_side():
-    """The conv default is blocks in the decoder only, mlp has none; one number is both sides. Each block adds two
-    3x3 convolutions at each resolution of its side."""
-    assert VAEConfig(**SMALL).res_blocks == (0, 1) and VAEConfig(arch="mlp").res_blocks == (0, 0)
-    assert VAEConfig(**SMALL, res_blocks=2).res_blocks == (2, 2)
-    assert VAEConfig(**SMALL, res_blocks=[1, 0]).res_blocks == (1, 0)
+def test_res_blocks_add_two_convolutions_where_they_are_placed():
+    """The conv default is one block in the decoder at 1/2 resolution, mlp has none. Four numbers place blocks
+    (encoder at 1/2, 1/4, decoder at 1/4, 1/2), two are (encoder, decoder) at both resolutions, one is all four.
+    Each block is two 3x3 convolutions with c1 channels at 1/2 resolution, c2 at 1/4."""
+    assert VAEConfig(**SMALL).res_blocks == (0, 0, 0, 1) and VAEConfig(arch="mlp").res_blocks == (0, 0, 0, 0)
+    assert VAEConfig(**SMALL, res_blocks=2).res_blocks == (2, 2, 2, 2)
+    assert VAEConfig(**SMALL, res_blocks=[1, 0]).res_blocks == (1, 1, 0, 0)
+    assert VAEConfig(**SMALL, res_blocks=[1, 2, 3, 4]).res_blocks == (1, 2, 3, 4)
     c1, c2 = SMALL["channels"]
-    per_block = 2 * (c1 * c1 * 9 + c1) + 2 * (c2 * c2 * 9 + c2)  # two 3x3 convs with biases at each resolution
+    block = {1: 2 * (c1 * c1 * 9 + c1), 2: 2 * (c2 * c2 * 9 + c2)}  # a block's parameters at 1/2 and 1/4 resolution
     size = {blocks: sum(p.numel() for p in VAE(VAEConfig(**SMALL, res_blocks=blocks)).parameters())
-            for blocks in ((0, 0), (2, 0), (0, 1), (2, 2))}
-    assert size[(2, 0)] - size[(0, 0)] == 2 * per_block and size[(0, 1)] - size[(0, 0)] == per_block
-    assert size[(2, 2)] - size[(0, 0)] == 4 * per_block
+            for blocks in (0, (2, 0), (0, 1), (2, 2), (0, 0, 0, 1), (1, 0, 2, 0))}
+    assert size[(2, 0)] - size[0] == 2 * (block[1] + block[2]) and size[(0, 1)] - size[0] == block[1] + block[2]
+    assert size[(2, 2)] - size[0] == 4 * (block[1] + block[2])
+    assert size[(0, 0, 0, 1)] - size[0] == block[1] and size[(1, 0, 2, 0)] - size[0] == block[1] + 2 * block[2]
     enc_only = VAE(VAEConfig(**SMALL, res_blocks=(1, 0)))
     assert sum(isinstance(m, ResBlock) for m in enc_only.enc_body) == 2 and not any(
         isinstance(m, ResBlock) for m in enc_only.dec_body)
     assert enc_only.loss(torch.rand(3, 1, 28, 28)).total.isfinite()
+    # the block sits where it is asked: (0, 0, 0, 1) and (0, 0, 1, 0) differ in the width the block convolves
+    late, early = (VAE(VAEConfig(**SMALL, res_blocks=rb)).dec_body for rb in ((0, 0, 0, 1), (0, 0, 1, 0)))
+    assert [m.body[0].in_channels for m in late if isinstance(m, ResBlock)] == [c1]
+    assert [m.body[0].in_channels for m in early if isinstance(m, ResBlock)] == [c2]
 
 
 def hand_made_mixture(groups, d, offset=10.0):

@@ -654,18 +654,21 @@ def test_a_config_field_missing_from_an_older_checkpoint_takes_its_default(mixtu
                          "lacks the field)")
 
 
-def test_one_number_of_residual_blocks_stored_as_an_int_means_both_sides(tmp_path):
-    """A checkpoint whose config and flags give res_blocks as one int (encoder and decoder alike) loads and resumes."""
+def test_residual_blocks_stored_as_one_int_or_two_load_and_resume(tmp_path):
+    """A checkpoint whose config and flags give res_blocks as one int (every place alike) or as two (encoder,
+    decoder), as older checkpoints do, loads as the four numbers and resumes."""
     ckpt = tmp_path / "vae.pt"
     assert train.main([*TINY, "--epochs", "1", "--res-blocks", "1", "--mixture-components", "0",
                        "--checkpoint", str(ckpt)]) == 0
     c = load_checkpoint(ckpt)
-    assert c["model_config"]["res_blocks"] == c["args"]["res_blocks"] == [1, 1]
-    c["model_config"]["res_blocks"] = c["args"]["res_blocks"] = 1
-    torch.save(c, ckpt)
-    assert VAE.from_checkpoint(ckpt).config.res_blocks == (1, 1)
-    assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", "2"]) == 0
-    assert load_checkpoint(ckpt)["epoch"] == 2
+    assert c["model_config"]["res_blocks"] == c["args"]["res_blocks"] == [1, 1, 1, 1]
+    for epochs, stored in ((2, 1), (3, [1, 1])):
+        c = load_checkpoint(ckpt)
+        c["model_config"]["res_blocks"] = c["args"]["res_blocks"] = stored
+        torch.save(c, ckpt)
+        assert VAE.from_checkpoint(ckpt).config.res_blocks == (1, 1, 1, 1)
+        assert train.main(["--checkpoint", str(ckpt), "--resume", "--epochs", str(epochs)]) == 0
+        assert load_checkpoint(ckpt)["epoch"] == epochs
 
 
 def test_device_choice_takes_the_first_available_and_names_what_is_missing(monkeypatch):
@@ -828,7 +831,7 @@ def variants(c):
                      ("lr_decay", FLOAT_BAD + [2.0]), ("beta", FLOAT_BAD), ("kl_warmup", INT_BAD[:-1]),
                      ("eval_batch_size", INT_BAD[:-1]), ("limit", ["x", -1, 2.5, True]),
                      ("precision", STR_BAD[:2]), ("latent_dim", [10**17, "x"]), ("arch", ["x"]),
-                     ("channels", [[1], "x"]), ("res_blocks", [-1, "x"]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
+                     ("channels", [[1], "x"]), ("res_blocks", [-1, "x", [0, 1, 2]]), ("binarize", BOOL_BAD), ("conditional", BOOL_BAD + [True])):
         for v in bad:
             yield f"args.{key}={v!r}", put(("args", key), v), ALL if key in ("binarize", "limit") else RESUME
     state = c["optimizer"]["state"][0]

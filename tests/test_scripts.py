@@ -116,11 +116,11 @@ def test_generate_without_checkpoint_says_train_first(tmp_path, capsys):
 
 
 def test_conv_only_flags_need_the_conv_arch(tmp_path, capsys):
-    for flag in (["--res-blocks", 1], ["--res-blocks", 0, 1], ["--channels", 8, 8]):
+    for flag in (["--res-blocks", 1], ["--res-blocks", 0, 1], ["--res-blocks", 0, 0, 0, 1], ["--channels", 8, 8]):
         line = cli_error(train.main, ["--arch", "mlp", *flag, "--checkpoint", tmp_path / "m.pt"], capsys)
         assert flag[0] in line and not (tmp_path / "m.pt").exists()
     line = cli_error(train.main, ["--res-blocks", 1, 2, 3, "--checkpoint", tmp_path / "m.pt"], capsys)
-    assert "--res-blocks must be one int or two ints" in line and not (tmp_path / "m.pt").exists()
+    assert "--res-blocks must be 1, 2 or 4 ints" in line and not (tmp_path / "m.pt").exists()
 
 
 def test_evaluate_cli_writes_json(binarized_run, tmp_path, capsys):

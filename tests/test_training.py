@@ -68,11 +68,12 @@ def test_extending_a_cosine_run_says_it_is_no_straight_run(tmp_path, capsys):
 # Each RUN flag of the table, set to a value other than its default, in one of two runs (--iw-k
 # above 1 refuses --beta; --arch mlp refuses --res-blocks).
 NON_DEFAULT = (
-    [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5", "--res-blocks", "2", "1",
-     "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
+    [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5",
+     "--res-blocks", "2", "1", "0", "1", "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
      "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2", "--iw-start", "1",
-     "--mixture-components", "0", "--res-blocks", "0", "0", "--flow-prior", "0", "--output-bias", "torch", "--ema", "0"],
+     "--mixture-components", "0", "--res-blocks", "0", "0", "0", "0", "--flow-prior", "0", "--output-bias", "torch",
+     "--ema", "0"],
 )
 
 
