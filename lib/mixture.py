@@ -125,7 +125,10 @@ def describe(fitted: dict, num_classes: int, asked: int, points: int, seconds: f
             f"posterior means in {seconds:.1f} s")
 
 
-def default_components(num_classes: int) -> int:
+def components(asked: int | None, num_classes: int) -> int:
+    """The components asked for (per class for a conditional model), or, for None, the default."""
+    if asked is not None:
+        return asked
     return DEFAULT_COMPONENTS_PER_CLASS if num_classes else DEFAULT_COMPONENTS
 
 

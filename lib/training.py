@@ -23,7 +23,7 @@ import torch
 from lib import checks, cli, files
 from lib.checks import FORMAT, IW_FIELDS, METRIC_FIELDS, UserError, check_resumable, with_checksums
 from lib.data import TensorDataset, fitting_set, load_test_set
-from lib.mixture import default_components, describe, fit_to_model
+from lib.mixture import components, describe, fit_to_model
 from model import VAE, GaussianMixture
 
 
@@ -74,7 +74,8 @@ def setup(args):
             done = cli.count(ckpt["epoch"], "epoch") + (f" and {ckpt['step']} steps" if ckpt["step"] else "")
             raise UserError(f"{path} already has {done}: --epochs {args.epochs} cannot undo them; pass --epochs above "
                             f"{ckpt['epoch']} to train on")
-        mixture_missing = ckpt["latent_mixture"] is None and mixture_components(args, config.num_classes) > 0
+        mixture_missing = (ckpt["latent_mixture"] is None
+                           and components(args.mixture_components, config.num_classes) > 0)
         if ckpt["epoch"] == args.epochs and not mixture_missing:
             print(f"{path} already has {cli.count(ckpt['epoch'], 'epoch')}; pass --epochs above {ckpt['epoch']} "
                   "to train on")
@@ -92,7 +93,7 @@ def setup(args):
         args.epochs = args.epochs or cli.EPOCHS
     args.res_blocks = list(config.res_blocks)  # the numbers the model has (the flag's default is None)
     # the number of components the run fits, stored: a later change of the default leaves the run as it was
-    args.mixture_components = mixture_components(args, config.num_classes)
+    args.mixture_components = components(args.mixture_components, config.num_classes)
     files.check_output_path(files.metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)
@@ -160,11 +161,6 @@ def restore_flags(args, stored: dict) -> None:
             print(f"note: --{name.replace('_', '-')} {given} ignored: --resume continues the stored run "
                   f"({'its default' if stored[name] is None else stored[name]})")
         setattr(args, name, stored[name])
-
-
-def mixture_components(args, num_classes: int) -> int:
-    """--mixture-components, or its default."""
-    return default_components(num_classes) if args.mixture_components is None else args.mixture_components
 
 
 def learning_rate(args, progress: float) -> float:

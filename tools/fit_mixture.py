@@ -15,7 +15,7 @@ from lib.checks import UserError, with_checksums  # noqa: E402
 from lib.data import TensorDataset, fitting_set  # noqa: E402
 from lib.files import Lock, modified, save_atomic  # noqa: E402
 from lib.mixture import (DEFAULT_COMPONENTS, DEFAULT_COMPONENTS_PER_CLASS, MAX_COMPONENTS,  # noqa: E402
-                         default_components, describe, fit_to_model)
+                         components, describe, fit_to_model)
 
 
 def build_parser() -> cli.Parser:
@@ -37,19 +37,19 @@ def main(argv=None) -> int:
     with Lock(args.checkpoint, read_at=stamp):
         print(cli.device_note(device, args.device))
         model.to(device)
-        components = default_components(model.config.num_classes) if args.components is None else args.components
-        ckpt["args"]["mixture_components"] = components  # the run's own choice, which a --resume keeps
-        if components == 0:
+        asked = components(args.components, model.config.num_classes)
+        ckpt["args"]["mixture_components"] = asked  # the run's own choice, which a --resume keeps
+        if asked == 0:
             ckpt["latent_mixture"] = None
             print(f"{args.checkpoint}: latent mixture removed; samples come from the prior")
         else:
             data = fitting_set(TensorDataset.load("train", args.data_dir, device, ckpt["args"]["limit"]),
                                ckpt["args"]["binarize"])  # as trained
             t0 = time.perf_counter()
-            ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, components, args.seed)
+            ckpt["latent_mixture"] = fit_to_model(model, data.images, data.labels, asked, args.seed)
             if ckpt["latent_mixture"] is None:
                 raise UserError(f"{args.checkpoint}: cannot fit a latent mixture: a digit has no training image")
-            print(f"{args.checkpoint}: " + describe(ckpt["latent_mixture"], model.config.num_classes, components,
+            print(f"{args.checkpoint}: " + describe(ckpt["latent_mixture"], model.config.num_classes, asked,
                                                      len(data), time.perf_counter() - t0))
         save_atomic(with_checksums(ckpt), args.checkpoint)
     return 0
