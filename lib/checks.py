@@ -79,7 +79,7 @@ def check_config(config, choices: dict) -> None:
         elif not is_int(v) or not low <= v <= MAX_SIZE[name]:
             raise UserError(f"{name} must be an int in [{low}, {MAX_SIZE[name]}], got {v!r}")
     if config.arch == "mlp" and any((config.res_blocks,) if is_int(config.res_blocks) else config.res_blocks):
-        raise UserError(f"res_blocks needs the conv arch, got {config.res_blocks} with arch 'mlp'")
+        raise UserError(f"res_blocks needs arch 'conv', got {config.res_blocks} with arch 'mlp'")
     if config.arch == "conv" and config.image_size % 4:
         raise UserError(f"the conv arch needs image_size % 4 == 0, got {config.image_size}")
     if config.flow_prior and config.latent_dim < 2:
