@@ -94,6 +94,8 @@ def setup(args):
     args.res_blocks = list(config.res_blocks)  # the numbers the model has (the flag's default is None)
     # the number of components the run fits, stored: a later change of the default leaves the run as it was
     args.mixture_components = components(args.mixture_components, config.num_classes)
+    if args.beta is None:  # the IW bound has no KL weight, so its ELBO epochs keep the ELBO's
+        args.beta = 1.0 if args.iw_k > 1 else cli.BETA
     files.check_output_path(files.metrics_path(path), "metrics CSV")
     device = cli.pick_device(args.device)
     train_set = TensorDataset.load("train", args.data_dir, device, args.limit)

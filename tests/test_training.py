@@ -60,13 +60,13 @@ def test_extending_a_cosine_run_says_it_is_no_straight_run(tmp_path, capsys):
     """The default rate reaches 0 at the last epoch: --resume --epochs N moves that end, and says so."""
     c = tmp_path / "c.pt"
     assert train.main([*TINY, "--epochs", "1", "--checkpoint", str(c)]) == 0
-    assert "note:" not in capsys.readouterr().out
+    assert "reaches 0" not in capsys.readouterr().out
     assert train.main(["--epochs", "2", "--checkpoint", str(c), "--resume"]) == 0
     assert "reaches 0 at epoch 2, not 1" in capsys.readouterr().out and load_checkpoint(c)["epoch"] == 2
 
 
 # Each RUN flag of the table, set to a value other than its default, in one of two runs (--iw-k
-# above 1 refuses --beta; --arch mlp refuses --res-blocks).
+# above 1 refuses a --beta other than 1; --arch mlp refuses --res-blocks).
 NON_DEFAULT = (
     [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5",
      "--res-blocks", "2", "1", "0", "1", "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
@@ -237,7 +237,7 @@ def test_beta_and_warmup_report_true_elbo(tmp_path, capsys):
     assert train.main([*n01, "--beta", "4", "--kl-warmup", "4", "--checkpoint", str(b)]) == 0
     assert "weighs the KL by 4, ramped from 0 over 4 epochs (the run ends at 2);" in capsys.readouterr().out
     ma, mb = load_checkpoint(a)["metrics"], load_checkpoint(b)["metrics"]
-    assert [r["kl_weight"] for r in mb] == [1.0, 2.0] and ma[0]["kl_weight"] == 1.0
+    assert [r["kl_weight"] for r in mb] == [1.0, 2.0] and ma[0]["kl_weight"] == cli.BETA  # the default weight
     for r in mb:  # reported losses are recon + KL, whatever weight the training used
         assert abs(r["test_loss"] - r["recon"] - r["kl"]) < 1e-6
         assert abs(r["train_loss"] - r["train_recon"] - r["train_kl"]) < 1e-6
@@ -295,6 +295,7 @@ def test_cli_logs_both_bounds(tmp_path, capsys):
     assert "importance-weighted bound with K = 4" in out and "IW-4 bound: train" in out
     rows = read_csv(tmp_path / "iw.pt.metrics.csv")
     assert {"train_iw", "test_iw"} <= set(rows[0])
+    assert load_checkpoint(ckpt)["args"]["beta"] == 1.0  # the default KL weight with --iw-k above 1: none
     for r in rows:  # the K-sample bound is tighter than the one-sample ELBO
         assert float(r["test_iw"]) < float(r["test_loss"]) and float(r["train_iw"]) < float(r["train_loss"])
     assert train.main(["--epochs", "3", "--checkpoint", str(ckpt), "--resume"]) == 0
@@ -321,7 +322,8 @@ def test_an_iwae_phase_follows_elbo_epochs(tmp_path, capsys):
     logged) from epoch E + 1 on; a KL warm-up must end by then."""
     elbo, iw = tmp_path / "elbo.pt", tmp_path / "iw.pt"
     n01 = [*TINY, "--flow-prior", "0"]  # the ELBO's KL in closed form: the bound's order is not a sample's noise
-    assert train.main([*n01, "--epochs", "1", "--kl-warmup", "1", "--checkpoint", str(elbo)]) == 0
+    # the IW run's ELBO epochs weigh the KL by 1 (the default with --iw-k above 1), so the ELBO run is given 1
+    assert train.main([*n01, "--epochs", "1", "--kl-warmup", "1", "--beta", "1", "--checkpoint", str(elbo)]) == 0
     assert train.main([*n01, "--epochs", "1", "--kl-warmup", "1", "--iw-k", "4", "--iw-start", "1",
                        "--checkpoint", str(iw)]) == 0
     for k, v in load_checkpoint(elbo)["model"].items():
