@@ -3,11 +3,12 @@
     python train.py                      # defaults: the README's results
     python train.py --resume             # finish the run in checkpoints/vae.pt after an interruption
 
-Each step minimises model.VAE.loss: the negative ELBO, or with --iw-k K (after --iw-start ELBO epochs) the negative
-K-sample importance-weighted bound. Reported losses are the true negative ELBO (beta = 1, no warm-up) in nats per
-image: the Bernoulli reconstruction NLL plus the KL (Kingma & Welling 2014), sampled with --flow-prior. The train
-loss is the mean over the epoch's steps of the weights being trained; the test loss is the end of the epoch's
-weights, or their moving average (--ema, on by default), which evaluation, sampling and the checkpoint's model use.
+Each step minimises model.VAE.loss: the negative ELBO with its KL weighted by --beta, or with --iw-k K (after
+--iw-start ELBO epochs) the negative K-sample importance-weighted bound. Reported losses are the true negative ELBO
+(beta = 1, no warm-up) in nats per image: the Bernoulli reconstruction NLL plus the KL (Kingma & Welling 2014),
+sampled with --flow-prior. The train loss is the mean over the epoch's steps of the weights being trained; the test
+loss is the end of the epoch's weights, or their moving average (--ema, on by default), which evaluation, sampling
+and the checkpoint's model use.
 """
 
 from __future__ import annotations

@@ -88,13 +88,13 @@ TRAIN_FLAGS = (
     ("--binarize", RUN, dict(action="store_true",
                              help="dynamically binarized MNIST: pixels ~ Bernoulli(grey level) every batch")),
     ("--beta", RUN, dict(type=POSITIVE_FLOAT, default=None,
-                         help=f"weight of the KL term in the ELBO (beta-VAE; default: {BETA}, or 1 with --iw-k above "
-                              "1); test losses are the true negative ELBO (weight 1)")),
+                         help="weight of the KL term in the ELBO (beta-VAE); test losses are the true negative ELBO, "
+                              f"weight 1 (default: {BETA}, or 1 with --iw-k above 1)")),
     ("--kl-warmup", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
                               help="epochs over which the KL weight ramps linearly from 0 to beta")),
     ("--iw-k", RUN, dict(type=Number(int, 1, 5000), default=1,
                          help="importance samples K per image: K > 1 trains on the importance-weighted "
-                              "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO")),
+                              "bound (IWAE, Burda et al. 2015); K = 1 is the ELBO, its KL weighted by --beta")),
     ("--iw-start", RUN, dict(type=Number(int, 0, MAX_EPOCHS), default=0,
                              help="epochs trained on the ELBO before the --iw-k bound takes over (an IWAE phase)")),
     ("--ema", RUN, dict(type=Number(float, 0.0, 0.99999), default=0.999,

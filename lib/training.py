@@ -148,7 +148,7 @@ def setup(args):
             print(f"objective: from epoch {args.iw_start + 1}, the importance-weighted bound with K = {args.iw_k} "
                   "(IWAE); train and test loss are the negative ELBO, the IW bound is logged beside them")
         if args.beta != 1.0 or args.kl_warmup:
-            print(f"note: the objective weighs the KL by {args.beta:g}"
+            print(f"note: the objective weighs the KL by {args.beta:g} (--beta; 1: the plain ELBO)"
                   + (f", ramped from 0 over {cli.count(args.kl_warmup, 'epoch')}" if args.kl_warmup else "")
                   + (f" (the run ends at {kl_weight(args, args.epochs):g})" if args.kl_warmup > args.epochs else "")
                   + "; every loss reported is the true negative ELBO (weight 1)")

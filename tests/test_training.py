@@ -69,7 +69,8 @@ def test_extending_a_cosine_run_says_it_is_no_straight_run(tmp_path, capsys):
 # above 1 refuses a --beta other than 1; --arch mlp refuses --res-blocks).
 NON_DEFAULT = (
     [*TINY, "--eval-batch-size", "128", "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "5",
-     "--res-blocks", "2", "1", "0", "1", "--activation", "elu", "--conditional", "--binarize", "--beta", "2", "--kl-warmup", "1",
+     "--res-blocks", "2", "1", "0", "1", "--activation", "elu", "--conditional", "--binarize", "--beta", "2",
+     "--kl-warmup", "1",
      "--mixture-components", "3", "--precision", "fp32", "--ema", "0.99", "--flow-prior", "2"],
     ["--arch", "mlp", "--hidden-dim", "32", "--latent-dim", "4", "--limit", "256", "--iw-k", "2", "--iw-start", "1",
      "--mixture-components", "0", "--res-blocks", "0", "0", "0", "0", "--flow-prior", "0", "--output-bias", "torch",
@@ -235,7 +236,8 @@ def test_beta_and_warmup_report_true_elbo(tmp_path, capsys):
     assert train.main([*n01, "--checkpoint", str(a)]) == 0
     capsys.readouterr()
     assert train.main([*n01, "--beta", "4", "--kl-warmup", "4", "--checkpoint", str(b)]) == 0
-    assert "weighs the KL by 4, ramped from 0 over 4 epochs (the run ends at 2);" in capsys.readouterr().out
+    assert ("weighs the KL by 4 (--beta; 1: the plain ELBO), ramped from 0 over 4 epochs (the run ends at 2);"
+            in capsys.readouterr().out)
     ma, mb = load_checkpoint(a)["metrics"], load_checkpoint(b)["metrics"]
     assert [r["kl_weight"] for r in mb] == [1.0, 2.0] and ma[0]["kl_weight"] == cli.BETA  # the default weight
     for r in mb:  # reported losses are recon + KL, whatever weight the training used
